@@ -1,0 +1,1 @@
+"""Reference networks built from plain nn.Conv2d (see issue 3)."""

@@ -1,0 +1,256 @@
+"""The custom op ``dynprune::gated_conv2d``: one contract, several backends.
+
+    y[n, out_idx[n, j]] = act(out_scale[n, j] * (conv(x[n], weight[out_idx[n, j]])
+                                                 + bias[out_idx[n, j]]))
+
+and every other output channel is exactly 0. Input channels not listed in
+``in_idx`` are treated as zero (``in_idx=None``: the backend finds the non-zero
+channels itself). ``act`` is ReLU when ``relu`` is true, else the identity.
+
+Backends:
+  * ``reference``: dense conv then mask, in plain PyTorch. It *defines* the
+    semantics and is the test oracle; it saves no work.
+  * ``cpu``: the native kernel from ``csrc/`` (float32 skips pruned channels;
+    other dtypes run the reference formula in ATen).
+  * CUDA: the reference until the Triton kernel lands.
+A fake (meta) implementation makes the op traceable by torch.compile/export,
+and an autograd formula (recomputing the reference) keeps gradients correct
+when the op is called on tensors that require grad.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gated_conv2d", "gated_conv2d_reference", "backends"]
+
+_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor out_idx, Tensor? out_scale, "
+    "Tensor? in_idx, int[2] stride, int[2] padding, int[2] dilation, bool relu)"
+)
+_lib = torch.library.Library("dynprune", "DEF")
+_lib.define("gated_conv2d" + _SCHEMA + " -> Tensor")
+_lib.define("gated_conv2d.out" + _SCHEMA[:-1] + ", *, Tensor(a!) out) -> Tensor(a!)")
+
+_BACKENDS = {"reference": True, "cpu": "reference", "cuda": "reference"}
+
+
+def _load_native() -> Optional[str]:
+    """Load dynprune._C (registers the CPU kernels). Returns the failure reason."""
+    try:
+        from dynprune import _C  # noqa: F401
+    except Exception as exc:  # ImportError, undefined symbol, ABI mismatch, ...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_index(idx: torch.Tensor, name: str, n: int, limit: int) -> None:
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+    if idx.dim() != 2 or idx.shape[0] != n:
+        raise ValueError(f"{name} must have shape [N={n}, k], got {list(idx.shape)}")
+    if idx.shape[1] > limit:
+        raise ValueError(f"{name} lists {idx.shape[1]} channels but only {limit} exist")
+    if idx.numel() == 0:
+        return
+    if int(idx.min()) < 0 or int(idx.max()) >= limit:
+        raise ValueError(f"{name} holds values out of range [0, {limit})")
+    if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        raise ValueError(f"{name} rows must be sorted ascending without duplicates")
+
+
+def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation):
+    """The same checks as the native kernel, so every backend fails alike."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, Cin, H, W], got {x.dim()}-D")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, Cin, kh, kw], got {weight.dim()}-D")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("out_scale", out_scale)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"channel mismatch: x has {x.shape[1]} input channels but weight expects "
+            f"{weight.shape[1]} (grouped convolutions are not supported)"
+        )
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError("stride, padding and dilation must have 2 elements each")
+    if min(stride) <= 0 or min(dilation) <= 0 or min(padding) < 0:
+        raise ValueError(
+            "stride and dilation must be positive and padding non-negative, got "
+            f"stride={list(stride)} padding={list(padding)} dilation={list(dilation)}"
+        )
+    for d in range(2):
+        if x.shape[2 + d] + 2 * padding[d] < dilation[d] * (weight.shape[2 + d] - 1) + 1:
+            raise ValueError(
+                f"input {tuple(x.shape[2:])} with padding {list(padding)} is smaller than "
+                "the dilated kernel"
+            )
+    cout = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != cout):
+        raise ValueError(f"bias must have shape [{cout}], got {list(bias.shape)}")
+    _check_index(out_idx, "out_idx", x.shape[0], cout)
+    if out_scale is not None and out_scale.shape != out_idx.shape:
+        raise ValueError(
+            f"out_scale must have the shape of out_idx {list(out_idx.shape)}, "
+            f"got {list(out_scale.shape)}"
+        )
+    if in_idx is not None:
+        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
+    for t in (weight, bias, out_idx, out_scale, in_idx):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"all tensors must be on {x.device}, got one on {t.device}")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def gated_conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_idx: torch.Tensor,
+    out_scale: Optional[torch.Tensor],
+    in_idx: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+) -> torch.Tensor:
+    """The definition of the op: dense convolution, then mask. Differentiable."""
+    _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation)
+    n, cout = x.shape[0], weight.shape[0]
+    out_idx = out_idx.long()
+    if in_idx is not None:
+        in_mask = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
+        in_mask.scatter_(1, in_idx.long(), 1.0)
+        x = x * in_mask[:, :, None, None]
+    y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    if out_scale is None:
+        out_scale = torch.ones(out_idx.shape, dtype=x.dtype, device=x.device)
+    full_scale = torch.zeros(n, cout, dtype=x.dtype, device=x.device).scatter(1, out_idx, out_scale)
+    kept = torch.zeros(n, cout, dtype=torch.bool, device=x.device).scatter(1, out_idx, True)
+    y = y * full_scale[:, :, None, None]
+    if relu:
+        y = torch.relu(y)
+    # where(), not a multiply: pruned channels are exactly 0 even if conv gave inf/nan.
+    return torch.where(kept[:, :, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def _reference_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                   relu, *, out):
+    y = gated_conv2d_reference(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
+                               dilation, relu)
+    if out.shape != y.shape:
+        raise ValueError(f"out must have shape {list(y.shape)}, got {list(out.shape)}")
+    if out.dtype != y.dtype:
+        raise TypeError(f"dtype mismatch: x is {y.dtype} but out is {out.dtype}")
+    return out.copy_(y)
+
+
+# --------------------------------------------------------------------------- registration
+
+_native_error = _load_native()
+if _native_error is None:
+    _BACKENDS["cpu"] = "native"
+else:
+    warnings.warn(
+        f"dynprune: native CPU kernels unavailable ({_native_error}); falling back to the "
+        "pure-PyTorch reference op (correct, not faster). Rebuild with "
+        "`pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _lib.impl("gated_conv2d", gated_conv2d_reference, "CPU")
+    _lib.impl("gated_conv2d.out", _reference_out, "CPU")
+_lib.impl("gated_conv2d", gated_conv2d_reference, "CUDA")
+_lib.impl("gated_conv2d.out", _reference_out, "CUDA")
+
+
+@torch.library.register_fake("dynprune::gated_conv2d")
+def _fake(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu):
+    # Shapes only: the index checks read data, which fake tensors do not have.
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs
+
+
+def _backward(ctx, grad):
+    """Gradient of the reference formula (recomputed densely: correct, not fast)."""
+    x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu = ctx.inputs
+    diff = [t for t in (x, weight, bias, out_scale) if t is not None]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in diff]
+        it = iter(leaves)
+        xl, wl = next(it), next(it)
+        bl = next(it) if bias is not None else None
+        sl = next(it) if out_scale is not None else None
+        y = gated_conv2d_reference(xl, wl, bl, out_idx, sl, in_idx, stride, padding, dilation,
+                                   relu)
+        grads = iter(torch.autograd.grad(y, leaves, grad, allow_unused=True))
+    gx, gw = next(grads), next(grads)
+    gb = next(grads) if bias is not None else None
+    gs = next(grads) if out_scale is not None else None
+    return gx, gw, gb, None, gs, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dynprune::gated_conv2d", _backward, setup_context=_setup_context
+)
+
+
+def gated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_idx: torch.Tensor,
+    out_scale: Optional[torch.Tensor] = None,
+    in_idx: Optional[torch.Tensor] = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    relu: bool = False,
+) -> torch.Tensor:
+    """Gated 2-D convolution that computes only the kept output channels.
+
+    Args:
+        x: ``[N, Cin, H, W]`` input (any memory format).
+        weight: ``[Cout, Cin, kh, kw]``; bias: ``[Cout]`` or None.
+        out_idx: ``[N, k]`` integer, kept output channels per sample, sorted
+            ascending, no duplicates.
+        out_scale: ``[N, k]`` gate scale per kept channel (None: 1).
+        in_idx: ``[N, kin]`` integer, the input channels to read per sample
+            (sorted, unique); others are treated as zero. None: found from x.
+        stride, padding, dilation: pairs of ints (symmetric zero padding).
+        relu: apply ReLU in the epilogue.
+
+    Returns:
+        ``[N, Cout, H', W']``; pruned output channels are exactly zero.
+
+    Raises:
+        ValueError / TypeError naming the problem on malformed input.
+    """
+    return torch.ops.dynprune.gated_conv2d(
+        x, weight, bias, out_idx, out_scale, in_idx, list(stride), list(padding),
+        list(dilation), bool(relu)
+    )
+
+
+def backends() -> dict:
+    """Which implementation serves each device: ``{'cpu': 'native'|'reference', ...}``."""
+    info = {k: v for k, v in _BACKENDS.items() if k != "reference"}
+    if _native_error is not None:
+        info["cpu_error"] = _native_error
+    return info
