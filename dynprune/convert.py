@@ -1,0 +1,108 @@
+"""convert(model): make any CNN dynamic in place, fusing Conv -> BatchNorm pairs."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch.fx
+import torch.nn as nn
+
+from dynprune.nn import DynamicConv2d
+
+__all__ = ["convert"]
+
+
+def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
+    """``{conv_name: bn_name}`` for each conv whose only consumer is a BatchNorm.
+
+    Found on the torch.fx graph when the model traces (any layout: torchvision
+    ResNets call bn1(conv1(x)) from forward()); otherwise only adjacent pairs
+    inside nn.Sequential containers, which need no graph to be sure of.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        graph = None
+    pairs: Dict[str, str] = {}
+    if graph is not None:
+        calls: Dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+                continue
+            src = node.args[0] if node.args else None
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(modules.get(src.target), nn.Conv2d)
+                    and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
+                pairs[src.target] = node.target
+        return pairs
+    for name, mod in modules.items():
+        if isinstance(mod, nn.Sequential):
+            children = list(mod.named_children())
+            for (cname, c), (bname, b) in zip(children, children[1:]):
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    prefix = f"{name}." if name else ""
+                    pairs[prefix + cname] = prefix + bname
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _convertible(conv: nn.Conv2d) -> bool:
+    """Grouped/depthwise convs and non-zero padding modes stay dense."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv, DynamicConv2d)
+
+
+def convert(
+    model: nn.Module,
+    keep_ratio: float = 0.5,
+    *,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    skip_first: bool = True,
+    fuse_bn: bool = True,
+) -> nn.Module:
+    """Replace ``nn.Conv2d`` layers of ``model`` by :class:`DynamicConv2d`, in place.
+
+    Args:
+        model: any module; it is modified in place and also returned.
+        keep_ratio: fraction of output channels each converted conv keeps per
+            sample, in (0, 1]. 1.0 reproduces the original outputs.
+        filter_fn: ``filter_fn(conv, qualified_name) -> bool``; only convs for
+            which it returns True are converted (torchao's quantize_ convention).
+        skip_first: keep the first conv dense (it sees the raw image, whose
+            channels are few and all informative).
+        fuse_bn: move a BatchNorm2d that directly follows a conv into the new
+            module (gate after BN, folded at eval) and leave nn.Identity in
+            its place, so pruned channels stay exactly zero through BN.
+
+    Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
+    padding_mode are left dense. Freshly converted gates are neutral (scale 1)
+    and rank channels by filter norm until trained.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
+            or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if isinstance(model, nn.Conv2d):
+        raise TypeError("convert() works on a model containing convs; for a single conv use "
+                        "DynamicConv2d.from_conv(conv)")
+    modules = dict(model.named_modules())
+    convs: List[str] = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if skip_first and convs:
+        convs = convs[1:]
+    pairs = _conv_bn_pairs(model) if fuse_bn else {}
+    for name in convs:
+        conv = modules[name]
+        if not _convertible(conv) or (filter_fn is not None and not filter_fn(conv, name)):
+            continue
+        bn_name = pairs.get(name)
+        bn = modules[bn_name] if bn_name is not None else None
+        _set_submodule(model, name, DynamicConv2d.from_conv(conv, bn=bn, keep_ratio=keep_ratio))
+        if bn_name is not None:
+            _set_submodule(model, bn_name, nn.Identity())
+    return model

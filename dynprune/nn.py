@@ -1,0 +1,254 @@
+"""DynamicConv2d: a drop-in nn.Conv2d whose output channels are gated per sample.
+
+A Feature-Boosting-and-Suppression style gate (global average pool -> linear
+-> ReLU) gives every output channel a saliency per sample; the top-k channels
+are kept and scaled by their saliency, the rest are exactly zero.
+
+* Training runs a differentiable dense path (conv [-> BN] -> gate mask and
+  scale [-> ReLU]) so the weights and the gate learn; the saliency L1 term of
+  the last forward is in ``module.saliency_l1`` (see :func:`saliency_loss`).
+* Eval runs ``dynprune::gated_conv2d``: BatchNorm folded into the weights, only
+  the kept output channels computed, over only the non-zero input channels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynprune.ops import gated_conv2d
+
+__all__ = ["ChannelGate", "DynamicConv2d", "saliency_loss"]
+
+
+class ChannelGate(nn.Module):
+    """Per-sample channel saliency and top-k selection.
+
+    ``saliency = relu(fc(mean_hw(x)))``. The gate starts neutral: ``fc`` has zero
+    weight and unit bias, so every saliency is exactly 1 (keep_ratio=1 then
+    reproduces the dense layer). Ties are broken by ``priority`` (higher first;
+    filter norms when made by :meth:`DynamicConv2d.from_conv`), so an untrained
+    gate keeps the channels with the largest filters.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, device=None, dtype=None):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.ones_(self.fc.bias)
+        self.register_buffer("priority", torch.zeros(out_channels, device=device, dtype=dtype))
+
+    def saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, Cin, H, W] -> [N, Cout]`` non-negative saliency."""
+        return F.relu(self.fc(x.mean((2, 3))))
+
+    def select(self, saliency: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-k channels per sample, sorted ascending, and their saliency."""
+        # Stable sort over channels pre-ordered by priority = lexicographic
+        # (saliency desc, priority desc) ranking, deterministic on ties.
+        order = torch.sort(self.priority, descending=True, stable=True).indices
+        ranked = torch.sort(saliency[:, order], dim=1, descending=True, stable=True).indices
+        idx = torch.sort(order[ranked[:, :k]], dim=1).values
+        return idx, saliency.gather(1, idx)
+
+
+def _as_pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class DynamicConv2d(nn.Conv2d):
+    """nn.Conv2d with a per-sample channel gate; eval runs the sparse kernel.
+
+    Takes nn.Conv2d's constructor unchanged, plus keyword-only options:
+
+    Args:
+        keep_ratio: fraction of output channels kept per sample, in (0, 1];
+            ``k = max(1, ceil(keep_ratio * out_channels))``.
+        batch_norm: own a BatchNorm2d applied after the conv and *before* the
+            gate, so pruned channels stay exactly zero (folded at eval).
+        relu: apply ReLU after the gate (fused into the kernel at eval).
+
+    Only ``groups=1`` and ``padding_mode='zeros'`` are supported (ValueError
+    otherwise): :func:`dynprune.convert` leaves other convs dense.
+
+    Eval-mode forwards run ``dynprune::gated_conv2d``; they stay differentiable
+    (correct, dense-cost gradients), but train with ``.train()``, which also
+    records ``saliency_l1`` for the regulariser.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        keep_ratio: float = 0.5,
+        batch_norm: bool = False,
+        relu: bool = False,
+    ):
+        if groups != 1:
+            raise ValueError(
+                f"DynamicConv2d supports groups=1 only, got groups={groups} "
+                "(convert() leaves grouped/depthwise convs dense)"
+            )
+        if padding_mode != "zeros":
+            raise ValueError(f"DynamicConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        self.keep_ratio = keep_ratio  # validated by the setter
+        self.relu = bool(relu)
+        self.gate = ChannelGate(in_channels, out_channels, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, device=device, dtype=dtype) if batch_norm else None
+        self.saliency_l1: Optional[torch.Tensor] = None
+        self._fold_cache = None
+
+    # ------------------------------------------------------------------ config
+
+    @property
+    def keep_ratio(self) -> float:
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"keep_ratio must be a number in (0, 1], got {value!r}")
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
+        self._keep_ratio = float(value)
+
+    @property
+    def k(self) -> int:
+        """Output channels kept per sample."""
+        return max(1, math.ceil(self.keep_ratio * self.out_channels - 1e-9))
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", keep_ratio={self.keep_ratio}, "
+                f"batch_norm={self.bn is not None}, relu={self.relu}")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, bn: Optional[nn.BatchNorm2d] = None,
+                  relu: bool = False, keep_ratio: float = 0.5) -> "DynamicConv2d":
+        """A DynamicConv2d with ``conv``'s weights (and ``bn`` fused after it).
+
+        The gate starts neutral (scale 1); channel priority = L1 norm of each
+        filter, times |gamma / std| when a BatchNorm is fused.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if bn is not None and (not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels):
+            raise ValueError("bn must be an nn.BatchNorm2d with conv.out_channels features")
+        w = conv.weight
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                device=w.device, dtype=w.dtype, keep_ratio=keep_ratio,
+                batch_norm=bn is not None, relu=relu)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+            priority = w.detach().abs().flatten(1).sum(1)
+            if bn is not None:
+                m.bn.load_state_dict(bn.state_dict())
+                m.bn.train(bn.training)
+                if bn.affine:
+                    priority = priority * (bn.weight.detach().abs() /
+                                           torch.sqrt(bn.running_var + bn.eps))
+            m.gate.priority.copy_(priority)
+        m.train(conv.training)
+        return m
+
+    # ------------------------------------------------------------------ forward
+
+    def _padding(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Symmetric padding for the op; asymmetric 'same' pads x explicitly."""
+        if not isinstance(self.padding, str):
+            return x, _as_pair(self.padding)
+        if self.padding == "valid":
+            return x, (0, 0)
+        # 'same': total d*(k-1), extra pixel on the right/bottom, as F.conv2d does.
+        pads = []
+        for d, k in zip(self.dilation, self.kernel_size):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (th, bh), (lw, rw) = pads
+        if bh != th or rw != lw:
+            x = F.pad(x, (0, rw - lw, 0, bh - th))
+        return x, (th, lw)
+
+    def inference_params(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Weight and bias with the BatchNorm (running stats) folded in."""
+        if self.bn is None:
+            return self.weight, self.bias
+        bn = self.bn
+        cacheable = not torch.is_grad_enabled()
+        key = tuple((t._version, t.data_ptr()) for t in
+                    (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                    if t is not None)
+        if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1], self._fold_cache[2]
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        mult = inv_std * bn.weight if bn.affine else inv_std
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        b = (bias - bn.running_mean) * mult
+        if bn.affine:
+            b = b + bn.bias
+        w = self.weight * mult.view(-1, 1, 1, 1)
+        if cacheable:
+            self._fold_cache = (key, w, b)
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W], got {x.dim()}-D")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"DynamicConv2d expects {self.in_channels} input channels, "
+                             f"got {x.shape[1]}")
+        if self.training:
+            return self.forward_dense(x)
+        xp, padding = self._padding(x)
+        weight, bias = self.inference_params()
+        idx, scale = self.gate.select(self.gate.saliency(x), self.k)
+        return gated_conv2d(xp, weight, bias, idx, scale, None, self.stride, padding,
+                            self.dilation, self.relu)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The differentiable training path: conv [-> BN] -> gate [-> ReLU].
+
+        Same values as the eval path when BN is in eval mode; records
+        ``saliency_l1`` (mean over the batch of the L1 norm of the saliency).
+        """
+        y = self._conv_forward(x, self.weight, self.bias)
+        if self.bn is not None:
+            y = self.bn(y)
+        saliency = self.gate.saliency(x)
+        idx, _ = self.gate.select(saliency.detach(), self.k)
+        mask = torch.zeros_like(saliency).scatter(1, idx, 1.0)
+        y = y * (mask * saliency)[:, :, None, None]
+        if self.relu:
+            y = F.relu(y)
+        self.saliency_l1 = saliency.abs().sum(1).mean()
+        return y
+
+
+def saliency_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the gates' saliency L1 terms from the last training forward.
+
+    Add ``lam * saliency_loss(model)`` to the task loss to push saliencies
+    (and so the kept channels' scales) towards sparsity, as in FBS.
+    """
+    terms = [m.saliency_l1 for m in model.modules()
+             if isinstance(m, DynamicConv2d) and m.saliency_l1 is not None]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
