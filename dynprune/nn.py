@@ -214,6 +214,9 @@ class DynamicConv2d(nn.Conv2d):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d expects {self.in_channels} input channels, "
                              f"got {x.shape[1]}")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"dtype mismatch: input is {x.dtype} but DynamicConv2d weights are "
+                            f"{self.weight.dtype}")
         if self.training:
             return self.forward_dense(x)
         xp, padding = self._padding(x)

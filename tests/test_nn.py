@@ -1,0 +1,233 @@
+"""DynamicConv2d, convert() and flops() against nn.Conv2d and the dense path."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dynprune
+from dynprune import DynamicConv2d
+
+from zoo import ZOO, TinyResNet, randomize_bn
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+CONV_CASES = [
+    dict(in_channels=6, out_channels=10, kernel_size=3, padding=1),
+    dict(in_channels=5, out_channels=7, kernel_size=3, stride=2, padding=1, bias=False),
+    dict(in_channels=4, out_channels=9, kernel_size=5, padding="same", dilation=2),
+    dict(in_channels=4, out_channels=9, kernel_size=(2, 4), padding="same"),  # asymmetric 'same'
+    dict(in_channels=3, out_channels=8, kernel_size=1),
+    dict(in_channels=3, out_channels=8, kernel_size=3, padding="valid"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES)
+def test_keep_ratio_one_equals_conv2d(cfg):
+    conv = nn.Conv2d(**cfg)
+    dyn = DynamicConv2d.from_conv(conv, keep_ratio=1.0).eval()
+    x = torch.randn(3, cfg["in_channels"], 11, 12)
+    with torch.no_grad():
+        assert rel_err(dyn(x), conv(x)) < 1e-5
+    # Same constructor as nn.Conv2d: same parameter names and shapes.
+    fresh = DynamicConv2d(**cfg, keep_ratio=1.0)
+    assert {k: v.shape for k, v in conv.state_dict().items()}.items() <= \
+        {k: v.shape for k, v in fresh.state_dict().items()}.items()
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES)
+@pytest.mark.parametrize("bn,relu", [(False, False), (True, True), (True, False)])
+def test_eval_equals_training_path(cfg, bn, relu):
+    m = DynamicConv2d(**cfg, keep_ratio=0.4, batch_norm=bn, relu=relu)
+    with torch.no_grad():  # a trained-looking gate: input-dependent saliencies
+        m.gate.fc.weight.normal_()
+        m.gate.fc.bias.uniform_(0.0, 1.0)
+    if bn:
+        randomize_bn(m)
+    m.eval()
+    x = torch.randn(4, cfg["in_channels"], 10, 9)
+    with torch.no_grad():
+        fast, dense = m(x), m.forward_dense(x)
+    assert rel_err(fast, dense) < 1e-5
+    kept = fast.flatten(2).ne(0).any(2).sum(1)
+    assert (kept <= m.k).all()  # at most k channels are non-zero per sample
+
+
+def test_k_and_keep_ratio_validation():
+    assert DynamicConv2d(4, 10, 3, keep_ratio=0.25).k == 3  # ceil(2.5)
+    assert DynamicConv2d(4, 10, 3, keep_ratio=0.01).k == 1  # at least one
+    assert DynamicConv2d(4, 10, 3, keep_ratio=1.0).k == 10
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            DynamicConv2d(4, 10, 3, keep_ratio=bad)
+    with pytest.raises(TypeError, match="keep_ratio"):
+        DynamicConv2d(4, 10, 3, keep_ratio="half")
+    with pytest.raises(ValueError, match="groups"):
+        DynamicConv2d(4, 8, 3, groups=2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        DynamicConv2d(4, 8, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        dynprune.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), keep_ratio=0)
+
+
+def test_bad_input_to_module():
+    m = DynamicConv2d(4, 8, 3).eval()
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(4, 5, 5))
+    with pytest.raises(ValueError, match="input channels"):
+        m(torch.randn(1, 3, 5, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+def test_gradients_flow_to_weights_and_gate():
+    torch.manual_seed(0)
+    m = DynamicConv2d(3, 4, 3, padding=1, keep_ratio=0.5, batch_norm=True, relu=True).double()
+    with torch.no_grad():
+        m.gate.fc.weight.normal_()
+    m.train()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = [m.weight, m.bias, m.gate.fc.weight, m.gate.fc.bias, m.bn.weight, m.bn.bias]
+    # gradcheck needs a fixed channel selection: tiny perturbations must not flip
+    # the top-k, which holds with probability ~1 for continuous random saliency.
+    assert torch.autograd.gradcheck(lambda x, *p: m(x), (x, *params), eps=1e-6, atol=1e-5)
+    y = m(x)
+    (y.sum() + 0.1 * dynprune.saliency_loss(m)).backward()
+    for p in params:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_eval_forward_is_differentiable():
+    m = DynamicConv2d(3, 4, 3, padding=1, keep_ratio=0.5).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: m(x), (x, m.weight), eps=1e-6, atol=1e-5)
+
+
+def test_state_dict_round_trip():
+    a = DynamicConv2d(5, 6, 3, padding=1, keep_ratio=0.5, batch_norm=True, relu=True)
+    with torch.no_grad():
+        a.gate.fc.weight.normal_()
+    randomize_bn(a)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = DynamicConv2d(5, 6, 3, padding=1, keep_ratio=0.5, batch_norm=True, relu=True)
+    b.load_state_dict(torch.load(buf))
+    a.eval(), b.eval()
+    x = torch.randn(2, 5, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_fold_cache_follows_weight_updates():
+    m = DynamicConv2d(3, 4, 3, padding=1, keep_ratio=1.0, batch_norm=True).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        before = m(x)
+        m.weight.mul_(2.0)  # in-place update bumps the version counter
+        after = m(x)
+        assert rel_err(after, m.forward_dense(x)) < 1e-5
+        assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_convert_keep_one_matches_original(name):
+    model = randomize_bn(ZOO[name]()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        conv = dynprune.convert(copy.deepcopy(model), keep_ratio=1.0).eval()
+        out = conv(x)
+    assert rel_err(out, ref) < 1e-4
+    dyn = [m for m in conv.modules() if isinstance(m, DynamicConv2d)]
+    assert dyn, "nothing was converted"
+    # depthwise convs stay dense; the first conv stays dense
+    assert all(m.groups == 1 for m in dyn)
+    first = next(m for m in conv.modules() if isinstance(m, nn.Conv2d))
+    assert not isinstance(first, DynamicConv2d)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_convert_half_prunes_and_trains(name):
+    model = randomize_bn(ZOO[name]())
+    dynprune.convert(model, keep_ratio=0.5)
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    loss = model(x).square().mean() + 1e-3 * dynprune.saliency_loss(model)
+    loss.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        report = dynprune.flops(model, x)
+    assert torch.isfinite(out).all()
+    assert report.executed_macs < 0.75 * report.dense_macs
+
+
+def test_convert_fuses_bn_and_zeros_survive():
+    model = randomize_bn(TinyResNet()).eval()
+    dynprune.convert(model, keep_ratio=0.5)
+    block = model.layers[1]
+    assert isinstance(block.conv1, DynamicConv2d) and block.conv1.bn is not None
+    assert isinstance(block.bn1, nn.Identity)
+    assert isinstance(block.downsample[0], DynamicConv2d) and isinstance(block.downsample[1], nn.Identity)
+    x = torch.randn(3, 8, 16, 16)
+    with torch.no_grad():
+        y = block.relu(block.bn1(block.conv1(x)))
+    zero_channels = y.flatten(2).eq(0).all(2).sum(1)
+    assert (zero_channels >= 16 - block.conv1.k).all()  # gate after BN: pruned stay zero
+
+
+def test_convert_filter_fn_and_untraceable_model():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return x
+            return self.head(self.body(self.stem(x)))
+
+    model = randomize_bn(Untraceable()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    seen = []
+    dynprune.convert(model, keep_ratio=1.0, filter_fn=lambda m, n: seen.append(n) or n != "head")
+    assert seen == ["body.0", "head"]
+    assert isinstance(model.body[0], DynamicConv2d) and model.body[0].bn is not None
+    assert isinstance(model.head, nn.Conv2d) and not isinstance(model.head, DynamicConv2d)
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-4
+
+
+def test_flops_counts_skipped_channels():
+    conv = nn.Conv2d(8, 10, 3, padding=1, bias=False)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), DynamicConv2d.from_conv(conv, keep_ratio=0.5))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        model[0].weight[:3] = 0  # three input channels of the dynamic conv are all-zero
+        model[0].bias[:3] = 0
+    r = dynprune.flops(model, x)
+    first = 8 * 3 * 36
+    assert r.dense_macs == first + 10 * 8 * 9 * 36
+    assert r.executed_macs == first + 5 * 5 * 9 * 36
+    assert math.isclose(r.ratio, r.executed_macs / r.dense_macs)
+
+
+def test_torch_compile_converted_model():
+    model = randomize_bn(TinyResNet())
+    dynprune.convert(model, keep_ratio=0.5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="aot_eager")(x)
+    assert rel_err(compiled, eager) < 1e-5

@@ -1,0 +1,559 @@
+"""Tests of the custom op dynprune::gated_conv2d against its pure-PyTorch reference."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+import dynprune
+from dynprune import ops as dp_ops
+from conftest import max_rel_err
+
+REL_TOL_F32 = 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _out_size(size, pad, dil, k, stride):
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _sorted_subset(rng: random.Random, limit: int, k: int) -> list:
+    return sorted(rng.sample(range(limit), k))
+
+
+def _idx_tensor(rows, k, dtype=torch.int64):
+    if len(rows) == 0:
+        return torch.zeros(0, k, dtype=dtype)
+    return torch.tensor(rows, dtype=dtype).reshape(len(rows), k)
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    out_idx: torch.Tensor
+    out_scale: Optional[torch.Tensor]
+    in_idx: Optional[torch.Tensor]
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    relu: bool
+
+    def args(self):
+        return (self.x, self.weight, self.bias, self.out_idx, self.out_scale, self.in_idx,
+                self.stride, self.padding, self.dilation, self.relu)
+
+    def double_args(self):
+        d = lambda t: None if t is None else (t.double() if t.is_floating_point() else t)  # noqa: E731
+        return (d(self.x), d(self.weight), d(self.bias), self.out_idx, d(self.out_scale),
+                self.in_idx, self.stride, self.padding, self.dilation, self.relu)
+
+    def describe(self):
+        return (f"x={list(self.x.shape)} w={list(self.weight.shape)} bias={self.bias is not None} "
+                f"stride={self.stride} padding={self.padding} dilation={self.dilation} "
+                f"relu={self.relu} out_idx={self.out_idx.tolist()} "
+                f"in_idx={None if self.in_idx is None else self.in_idx.tolist()}")
+
+
+CIN_CHOICES = [1, 2, 3, 5, 8, 13, 16, 24, 37, 40]
+COUT_CHOICES = [1, 3, 4, 5, 13, 17, 32, 37, 40]
+
+
+def make_case(seed: int) -> Case:
+    """A random, geometrically valid case; invalid geometries are regenerated."""
+    rng = random.Random(1000 + seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = [0, 1, 5][seed % 3]
+    explicit_in_idx = seed % 2 == 1
+    while True:
+        cin = rng.choice(CIN_CHOICES) if rng.random() < 0.6 else rng.randint(1, 40)
+        cout = rng.choice(COUT_CHOICES) if rng.random() < 0.6 else rng.randint(1, 40)
+        h, w = rng.randint(1, 20), rng.randint(1, 20)
+        kh = rng.choice([1, 3, 5])
+        kw = kh if rng.random() < 0.7 else rng.choice([1, 3, 5])
+        dil = (rng.choice([1, 2]), rng.choice([1, 2]))
+        if rng.random() < 0.25:  # 'same'-style padding, stride 1
+            stride = (1, 1)
+            pad = (dil[0] * (kh - 1) // 2, dil[1] * (kw - 1) // 2)
+        else:
+            stride = (rng.choice([1, 2]), rng.choice([1, 2]))
+            pad = (rng.choice([0, 1, 2]), rng.choice([0, 1, 2]))
+        if h + 2 * pad[0] >= dil[0] * (kh - 1) + 1 and w + 2 * pad[1] >= dil[1] * (kw - 1) + 1:
+            break
+
+    x = torch.randn(n, cin, h, w, generator=gen)
+    weight = torch.randn(cout, cin, kh, kw, generator=gen) / (cin * kh * kw) ** 0.5
+    bias = torch.randn(cout, generator=gen) if rng.random() < 0.6 else None
+    relu = rng.random() < 0.5
+
+    # Kept output channels: a different k per sample would need ragged rows, so k is shared
+    # per case but the sets differ per sample.
+    k = rng.randint(0, cout)
+    out_idx = _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k,
+                          dtype=rng.choice([torch.int64, torch.int32]))
+    out_scale = None
+    if rng.random() < 0.75:
+        # Includes negative values (and, with relu, channels that go to 0 entirely).
+        out_scale = torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen)
+
+    # Zero a random subset of input channels in each sample.
+    for i in range(n):
+        nz = rng.randint(0, cin)
+        if nz:
+            x[i, _sorted_subset(rng, cin, nz)] = 0.0
+
+    in_idx = None
+    if explicit_in_idx:
+        kin = rng.randint(0, cin)
+        in_idx = _idx_tensor([_sorted_subset(rng, cin, kin) for _ in range(n)], kin,
+                             dtype=rng.choice([torch.int64, torch.int32]))
+    return Case(x, weight, bias, out_idx, out_scale, in_idx, stride, pad, dil, relu)
+
+
+def pruned_mask(out_idx: torch.Tensor, n: int, cout: int) -> torch.Tensor:
+    kept = torch.zeros(n, cout, dtype=torch.bool)
+    if out_idx.numel():
+        kept.scatter_(1, out_idx.long(), True)
+    return ~kept
+
+
+def assert_matches_reference(y: torch.Tensor, case: Case, tol: float = REL_TOL_F32):
+    ref = dynprune.gated_conv2d_reference(*case.double_args())
+    assert y.shape == ref.shape, case.describe()
+    assert y.dtype == case.x.dtype
+    if not torch.isnan(ref).any():
+        assert not torch.isnan(y).any(), "NaN in output: " + case.describe()
+    err = max_rel_err(y, ref)
+    assert err < tol, f"rel err {err:.3g} >= {tol}: " + case.describe()
+    pruned = pruned_mask(case.out_idx, case.x.shape[0], case.weight.shape[0])
+    assert (y[pruned] == 0).all(), "pruned channel not exactly 0: " + case.describe()
+
+
+# --------------------------------------------------------------------------- kernel vs reference
+
+CASE_SEEDS = list(range(40))
+
+
+@pytest.mark.parametrize("seed", CASE_SEEDS)
+def test_random_cases_match_reference(seed):
+    case = make_case(seed)
+    y = dynprune.gated_conv2d(*case.args())
+    assert_matches_reference(y, case)
+
+    # The out variant must write every element of a NaN-poisoned buffer.
+    buf = torch.full_like(y, float("nan"))
+    c = case
+    res = torch.ops.dynprune.gated_conv2d.out(
+        c.x, c.weight, c.bias, c.out_idx, c.out_scale, c.in_idx, list(c.stride),
+        list(c.padding), list(c.dilation), c.relu, out=buf)
+    assert res.data_ptr() == buf.data_ptr()
+    assert_matches_reference(buf, case)
+    # Same float32 computation: the two entry points agree exactly.
+    assert torch.equal(buf, y)
+
+
+def test_random_cases_cover_the_grid():
+    """The fixed seed list really exercises the combinations the kernel branches on."""
+    cases = [make_case(s) for s in CASE_SEEDS]
+    seen = {
+        "N": {c.x.shape[0] for c in cases},
+        "stride": {s for c in cases for s in c.stride},
+        "dil": {d for c in cases for d in c.dilation},
+        "k": {k for c in cases for k in c.weight.shape[2:]},
+        "pad": {p for c in cases for p in c.padding},
+        "relu": {c.relu for c in cases},
+        "bias": {c.bias is not None for c in cases},
+        "in_idx": {c.in_idx is not None for c in cases},
+        "scale": {c.out_scale is not None for c in cases},
+    }
+    assert seen["N"] == {0, 1, 5}
+    assert seen["stride"] == {1, 2} and seen["dil"] == {1, 2} and seen["k"] == {1, 3, 5}
+    assert {0, 1, 2} <= seen["pad"]
+    for key in ("relu", "bias", "in_idx", "scale"):
+        assert seen[key] == {False, True}, key
+    assert any(c.x.shape[2] != c.x.shape[3] for c in cases)
+    assert any(c.x.shape[1] % 2 == 1 and c.x.shape[1] > 1 for c in cases)
+    assert any(c.out_scale is not None and (c.out_scale < 0).any() for c in cases)
+
+
+def test_empty_keep_set_and_full_keep_set():
+    x = torch.randn(3, 6, 7, 9)
+    w = torch.randn(5, 6, 3, 3)
+    b = torch.randn(5)
+    y = dynprune.gated_conv2d(x, w, b, torch.zeros(3, 0, dtype=torch.long), None, None,
+                              (1, 1), (1, 1), (1, 1), False)
+    assert y.shape == (3, 5, 7, 9) and (y == 0).all()
+    full = torch.arange(5).repeat(3, 1)
+    case = Case(x, w, b, full, None, None, (1, 1), (1, 1), (1, 1), False)
+    assert_matches_reference(dynprune.gated_conv2d(*case.args()), case)
+    # All kept, scale 1, no relu: the dense conv.
+    dense = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 1, 1)
+    assert max_rel_err(dynprune.gated_conv2d(*case.args()), dense) < REL_TOL_F32
+
+
+def test_in_idx_none_detects_single_nonzero_element():
+    """Channel detection must keep a channel whose only non-zero value is its last pixel."""
+    x = torch.zeros(2, 4, 6, 5)
+    x[0, 2, -1, -1] = 3.0
+    x[1, 0, 0, 0] = -1.5
+    x[1, 3, 2, 4] = 2.0
+    w = torch.randn(6, 4, 3, 3)
+    oi = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    case = Case(x, w, None, oi, None, None, (1, 1), (1, 1), (1, 1), False)
+    y = dynprune.gated_conv2d(*case.args())
+    assert_matches_reference(y, case)
+    assert y[0, 2].abs().sum() > 0
+
+
+def test_in_idx_ignores_nonzero_channels_outside_it():
+    x = torch.randn(2, 5, 8, 8)
+    w = torch.randn(4, 5, 3, 3)
+    oi = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    ii = torch.tensor([[1, 3], [0, 4]])
+    y = dynprune.gated_conv2d(x, w, None, oi, None, ii, (1, 1), (0, 0), (1, 1), False)
+    x_masked = x.clone()
+    x_masked[0, [0, 2, 4]] = 0
+    x_masked[1, [1, 2, 3]] = 0
+    ref = torch.nn.functional.conv2d(x_masked.double(), w.double())
+    assert max_rel_err(y, ref) < REL_TOL_F32
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def _low_precision_dtype():
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16),
+                                   torch.ones(1, 1, 1, 1, dtype=torch.float16))
+        return torch.float16
+    except RuntimeError:
+        return torch.bfloat16
+
+
+# dtype -> (tolerance vs the same-dtype reference, tolerance vs the float64 reference)
+DTYPE_TOLS = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, _low_precision_dtype()], ids=str)
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_other_dtypes_give_reference_result(dtype, explicit_in_idx):
+    tol_same, tol_f64 = DTYPE_TOLS[dtype]
+    x = torch.randn(3, 7, 9, 6)
+    x[1, [0, 4]] = 0
+    w = torch.randn(10, 7, 3, 3) / 63 ** 0.5
+    b = torch.randn(10)
+    oi = torch.tensor([[0, 3, 4, 9], [1, 2, 5, 8], [0, 1, 2, 3]])
+    s = torch.tensor([[1.0, -0.5, 2.0, 0.25], [0.5, 1.5, -1.0, 1.0], [1.0, 1.0, -2.0, 0.75]])
+    ii = torch.tensor([[0, 2, 6], [1, 3, 5], [0, 1, 4]]) if explicit_in_idx else None
+    args = (x.to(dtype), w.to(dtype), b.to(dtype), oi, s.to(dtype), ii, (2, 1), (1, 2), (1, 2),
+            True)
+    y = dynprune.gated_conv2d(*args)
+    assert y.dtype == dtype
+    ref_same = dynprune.gated_conv2d_reference(*args)
+    ref64 = dynprune.gated_conv2d_reference(x.double(), w.double(), b.double(), oi, s.double(),
+                                            ii, (2, 1), (1, 2), (1, 2), True)
+    assert max_rel_err(y, ref_same) < tol_same
+    assert max_rel_err(y, ref64) < tol_f64
+    assert (y[pruned_mask(oi, 3, 10)] == 0).all()
+    # Out variant, NaN-poisoned buffer.
+    buf = torch.full_like(y, float("nan"))
+    torch.ops.dynprune.gated_conv2d.out(*args[:6], [2, 1], [1, 2], [1, 2], True, out=buf)
+    assert not buf.isnan().any()
+    assert max_rel_err(buf, ref_same) < tol_same
+
+
+# --------------------------------------------------------------------------- memory layouts
+
+
+def _layout_case():
+    x = torch.randn(4, 6, 11, 9)
+    x[2, [1, 3]] = 0
+    w = torch.randn(7, 6, 3, 3) / 54 ** 0.5
+    b = torch.randn(7)
+    oi = torch.tensor([[0, 2, 6], [1, 2, 3], [0, 4, 5], [3, 5, 6]])
+    s = torch.randn(4, 3)
+    return x, w, b, oi, s
+
+
+@pytest.mark.parametrize("layout", ["slice_h", "slice_w", "transposed", "channels_last",
+                                    "channels_last_weight", "channel_slice"])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_noncontiguous_and_channels_last_inputs(layout, explicit_in_idx):
+    x, w, b, oi, s = _layout_case()
+    if layout == "slice_h":
+        x = torch.randn(4, 6, 22, 9)[:, :, ::2]
+    elif layout == "slice_w":
+        x = torch.randn(4, 6, 11, 18)[..., ::2]
+    elif layout == "transposed":
+        x = torch.randn(4, 6, 9, 11).transpose(2, 3)
+    elif layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channels_last_weight":
+        w = w.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channel_slice":
+        x = torch.randn(4, 12, 11, 9)[:, ::2]
+    if layout != "channels_last_weight":
+        assert not x.is_contiguous()
+    ii = torch.tensor([[0, 1, 5], [2, 3, 4], [0, 2, 4], [1, 3, 5]]) if explicit_in_idx else None
+    # Non-contiguous index / scale tensors too.
+    oi_nc = torch.stack([oi, oi], dim=2)[..., 0]
+    s_nc = torch.stack([s, s], dim=2)[..., 1]
+    assert not oi_nc.is_contiguous() and not s_nc.is_contiguous()
+    case = Case(x, w, b, oi_nc, s_nc, ii, (1, 2), (1, 1), (1, 1), True)
+    assert_matches_reference(dynprune.gated_conv2d(*case.args()), case)
+
+
+def test_out_variant_noncontiguous_buffer():
+    x, w, b, oi, s = _layout_case()
+    case = Case(x, w, b, oi, s, None, (1, 1), (1, 1), (1, 1), False)
+    buf = torch.full((4, 7, 11, 9), float("nan")).to(memory_format=torch.channels_last)
+    torch.ops.dynprune.gated_conv2d.out(x, w, b, oi, s, None, [1, 1], [1, 1], [1, 1], False,
+                                        out=buf)
+    assert_matches_reference(buf, case)
+
+
+def test_out_variant_rejects_bad_buffer():
+    x, w, b, oi, s = _layout_case()
+    for impl in (torch.ops.dynprune.gated_conv2d.out, dp_ops._reference_out):
+        with pytest.raises(ValueError, match=r"out must have shape"):
+            impl(x, w, b, oi, s, None, [1, 1], [1, 1], [1, 1], False,
+                 out=torch.empty(4, 7, 11, 8))
+        with pytest.raises(TypeError, match=r"dtype mismatch.*out"):
+            impl(x, w, b, oi, s, None, [1, 1], [1, 1], [1, 1], False,
+                 out=torch.empty(4, 7, 11, 9, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- NaN / inf
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_inf_nan_in_pruned_channel_gives_exact_zero(relu):
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(5, 4, 3, 3)
+    b = torch.randn(5)
+    # Channel 3 is pruned in both samples; its weights and bias are poisoned.
+    w[3, 1, 1, 1] = float("inf")
+    w[3, 2, 0, 0] = float("-inf")
+    b[3] = float("nan")
+    oi = torch.tensor([[0, 1, 4], [0, 2, 4]])
+    s = torch.tensor([[1.0, -1.0, 0.5], [2.0, 1.0, -0.5]])
+    case = Case(x, w, b, oi, s, None, (1, 1), (1, 1), (1, 1), relu)
+    y = dynprune.gated_conv2d(*case.args())
+    assert (y[:, 3] == 0).all()
+    assert torch.isfinite(y).all()
+    assert_matches_reference(y, case)
+
+
+def test_inf_input_still_zero_in_pruned_channels():
+    """An inf pixel reaches every output channel's conv; pruned ones must stay exactly 0."""
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 1, 2, 3] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    w = torch.randn(4, 3, 3, 3)
+    oi = torch.tensor([[1, 2], [0, 3]])
+    y = dynprune.gated_conv2d(x, w, None, oi, None, None, (1, 1), (1, 1), (1, 1), False)
+    ref = dynprune.gated_conv2d_reference(x, w, None, oi, None, None, (1, 1), (1, 1), (1, 1),
+                                          False)
+    assert (y[0, [0, 3]] == 0).all() and (y[1, [1, 2]] == 0).all()
+    # Kept channels: the non-finite pattern follows the reference.
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert not torch.isfinite(y[0, 1]).all() and not torch.isfinite(y[1, 0]).all()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return dict(
+        x=torch.randn(2, 4, 6, 6),
+        weight=torch.randn(5, 4, 3, 3),
+        bias=torch.randn(5),
+        out_idx=torch.tensor([[0, 2], [1, 4]]),
+        out_scale=torch.ones(2, 2),
+        in_idx=None,
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        relu=False,
+    )
+
+
+BAD_INPUTS = {
+    "x_3d": (dict(x=torch.randn(4, 6, 6)), ValueError, r"x must be 4-D"),
+    "weight_3d": (dict(weight=torch.randn(5, 4, 3)), ValueError, r"weight must be 4-D"),
+    "channel_mismatch": (dict(weight=torch.randn(5, 3, 3, 3)), ValueError,
+                         r"channel mismatch: x has 4 input channels but weight expects 3"),
+    "grouped_weight": (dict(weight=torch.randn(5, 2, 3, 3)), ValueError,
+                       r"channel mismatch.*grouped convolutions are not supported"),
+    "out_idx_too_large": (dict(out_idx=torch.tensor([[0, 2], [1, 5]])), ValueError,
+                          r"out_idx.*out of range \[0, 5\)"),
+    "out_idx_too_large_no_bias": (dict(out_idx=torch.tensor([[0, 2], [1, 5]]), bias=None),
+                                  ValueError, r"out_idx.*out of range \[0, 5\)"),
+    "out_idx_negative": (dict(out_idx=torch.tensor([[-1, 2], [1, 4]])), ValueError,
+                         r"out_idx.*out of range \[0, 5\)"),
+    "out_idx_unsorted": (dict(out_idx=torch.tensor([[0, 2], [4, 1]])), ValueError,
+                         r"out_idx.*sorted ascending without duplicates"),
+    "out_idx_duplicates": (dict(out_idx=torch.tensor([[2, 2], [1, 4]])), ValueError,
+                           r"out_idx.*sorted ascending without duplicates"),
+    "out_idx_float": (dict(out_idx=torch.tensor([[0.0, 2.0], [1.0, 4.0]])), TypeError,
+                      r"out_idx must be an integer tensor"),
+    "out_idx_bool": (dict(out_idx=torch.tensor([[True, False], [False, True]])), TypeError,
+                     r"out_idx must be an integer tensor"),
+    "out_idx_wrong_n": (dict(out_idx=torch.tensor([[0, 2], [1, 4], [0, 1]]),
+                             out_scale=torch.ones(3, 2)), ValueError,
+                        r"out_idx must have shape \[N=2, k\]"),
+    "out_idx_1d": (dict(out_idx=torch.tensor([0, 2]), out_scale=torch.ones(2)), ValueError,
+                   r"out_idx must have shape \[N=2, k\]"),
+    "out_idx_too_many": (dict(out_idx=torch.arange(6).repeat(2, 1), out_scale=None),
+                         ValueError, r"out_idx"),
+    "out_scale_shape": (dict(out_scale=torch.ones(2, 3)), ValueError,
+                        r"out_scale must have the shape of out_idx"),
+    "out_scale_dtype": (dict(out_scale=torch.ones(2, 2, dtype=torch.float64)), TypeError,
+                        r"dtype mismatch: x is .* but out_scale is"),
+    "in_idx_out_of_range": (dict(in_idx=torch.tensor([[0, 4], [1, 2]])), ValueError,
+                            r"in_idx.*out of range \[0, 4\)"),
+    "in_idx_negative": (dict(in_idx=torch.tensor([[0, 1], [-2, 2]])), ValueError,
+                        r"in_idx.*out of range \[0, 4\)"),
+    "in_idx_unsorted": (dict(in_idx=torch.tensor([[0, 3], [2, 1]])), ValueError,
+                        r"in_idx.*sorted ascending without duplicates"),
+    "in_idx_float": (dict(in_idx=torch.tensor([[0.0, 3.0], [1.0, 2.0]])), TypeError,
+                     r"in_idx must be an integer tensor"),
+    "in_idx_wrong_n": (dict(in_idx=torch.tensor([[0, 3]])), ValueError,
+                       r"in_idx must have shape \[N=2, k\]"),
+    "dtype_mismatch_weight": (dict(weight=torch.randn(5, 4, 3, 3, dtype=torch.float64)),
+                              TypeError, r"dtype mismatch: x is .* but weight is"),
+    "dtype_mismatch_bias": (dict(bias=torch.randn(5, dtype=torch.float64)), TypeError,
+                            r"dtype mismatch: x is .* but bias is"),
+    "x_integer": (dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int32),
+                       weight=torch.ones(5, 4, 3, 3, dtype=torch.int32), bias=None,
+                       out_scale=None), TypeError, r"x must be floating point"),
+    "bias_wrong_shape": (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \[5\]"),
+    "bias_2d": (dict(bias=torch.randn(5, 1)), ValueError, r"bias must have shape \[5\]"),
+    "kernel_larger_than_input": (dict(weight=torch.randn(5, 4, 9, 3)), ValueError,
+                                 r"smaller than the dilated kernel"),
+    "dilated_kernel_larger": (dict(dilation=(1, 5)), ValueError,
+                              r"smaller than the dilated kernel"),
+    "stride_zero": (dict(stride=(0, 1)), ValueError, r"stride and dilation must be positive"),
+    "stride_negative": (dict(stride=(1, -2)), ValueError,
+                        r"stride and dilation must be positive"),
+    "dilation_zero": (dict(dilation=(0, 1)), ValueError,
+                      r"stride and dilation must be positive"),
+    "padding_negative": (dict(padding=(-1, 1)), ValueError, r"padding non-negative"),
+}
+
+IMPLS = {
+    "native": dynprune.gated_conv2d,
+    "reference": dynprune.gated_conv2d_reference,
+}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS), ids=list(IMPLS))
+@pytest.mark.parametrize("name", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_raises_clear_error(name, impl):
+    overrides, exc, pattern = BAD_INPUTS[name]
+    kw = _good()
+    kw.update(overrides)
+    fn = IMPLS[impl]
+    with pytest.raises(exc, match=pattern):
+        fn(kw["x"], kw["weight"], kw["bias"], kw["out_idx"], kw["out_scale"], kw["in_idx"],
+           kw["stride"], kw["padding"], kw["dilation"], kw["relu"])
+
+
+@pytest.mark.parametrize("name", ["out_idx_too_large", "out_idx_unsorted", "in_idx_unsorted"])
+def test_bad_index_values_raise_for_float64_too(name):
+    """The non-float32 (dense) native path validates index values as well."""
+    overrides, exc, pattern = BAD_INPUTS[name]
+    kw = _good()
+    kw.update(overrides)
+    for key in ("x", "weight", "bias", "out_scale"):
+        kw[key] = kw[key].double()
+    with pytest.raises(exc, match=pattern):
+        dynprune.gated_conv2d(*kw.values())
+
+
+def test_good_inputs_do_not_raise():
+    kw = _good()
+    y = dynprune.gated_conv2d(*kw.values())
+    ref = dynprune.gated_conv2d_reference(*kw.values())
+    assert max_rel_err(y, ref) < REL_TOL_F32
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_gradcheck(explicit_in_idx):
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    oi = torch.tensor([[0, 2], [1, 3]])
+    s = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    ii = torch.tensor([[0, 2], [1, 2]]) if explicit_in_idx else None
+
+    def f(x, w, b, s):
+        return dynprune.gated_conv2d(x, w, b, oi, s, ii, (1, 1), (1, 1), (1, 1), False)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, s))
+
+
+def test_float32_grad_matches_reference_autograd():
+    x = torch.randn(2, 5, 7, 6, requires_grad=True)
+    w = torch.randn(6, 5, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    s = torch.randn(2, 3, requires_grad=True)
+    oi = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    args = (oi, s, None, (2, 1), (1, 1), (1, 1), True)
+    g = torch.randn(2, 6, 4, 6)
+    y = dynprune.gated_conv2d(x, w, b, *args)
+    grads = torch.autograd.grad(y, (x, w, b, s), g)
+    y_ref = dynprune.gated_conv2d_reference(x, w, b, *args)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b, s), g)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile(backend):
+    torch._dynamo.reset()
+
+    def f(x, w, b, oi, s):
+        y = dynprune.gated_conv2d(x, w, b, oi, s, None, (1, 1), (1, 1), (1, 1), True)
+        return y * 2 + 1
+
+    x = torch.randn(2, 4, 6, 5)
+    w = torch.randn(6, 4, 3, 3)
+    b = torch.randn(6)
+    oi = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    s = torch.randn(2, 3)
+    compiled = torch.compile(f, backend=backend, fullgraph=False)
+    torch.testing.assert_close(compiled(x, w, b, oi, s), f(x, w, b, oi, s))
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_backends_reports_cpu():
+    info = dynprune.backends()
+    assert isinstance(info, dict)
+    assert info["cpu"] in ("native", "reference")
+    if info["cpu"] == "reference":
+        assert "cpu_error" in info
+    if os.environ.get("DYNPRUNE_REQUIRE_NATIVE") == "1":
+        assert info["cpu"] == "native", info.get("cpu_error")
