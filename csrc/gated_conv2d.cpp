@@ -84,8 +84,8 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
                       g.Cout, "], got ", bias->sizes());
   }
   check_index_rows(out_idx, "out_idx", g.N, g.Cout);
-  TORCH_CHECK_VALUE(out_idx.size(1) <= g.Cout, "out_idx keeps ", out_idx.size(1),
-                    " channels but weight has only ", g.Cout);
+  TORCH_CHECK_VALUE(out_idx.size(1) <= g.Cout, "out_idx lists ", out_idx.size(1),
+                    " channels but only ", g.Cout, " exist");
   if (out_scale.has_value()) {
     TORCH_CHECK_TYPE(out_scale->scalar_type() == x.scalar_type(), "dtype mismatch: x is ",
                      x.scalar_type(), " but out_scale is ", out_scale->scalar_type());
@@ -95,7 +95,7 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
   if (in_idx.has_value()) {
     check_index_rows(*in_idx, "in_idx", g.N, g.Cin);
     TORCH_CHECK_VALUE(in_idx->size(1) <= g.Cin, "in_idx lists ", in_idx->size(1),
-                      " channels but x has only ", g.Cin);
+                      " channels but only ", g.Cin, " exist");
   }
   for (const at::Tensor* t : {&weight, &out_idx}) {
     TORCH_CHECK_VALUE(t->device() == x.device(), "all tensors must be on ", x.device(),
@@ -265,12 +265,6 @@ void gated_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t plane = g.H * g.W;
   const Wide wd = make_wide(g);
 
-  // Per-sample epilogue constants: scale and scale * bias for each kept channel.
-  at::Tensor scale = out_scale.has_value() ? out_scale->contiguous()
-                                           : at::ones({N, k}, x.options());
-  at::Tensor bias_scaled = bias.has_value() ? bias->contiguous().index({out_idx}) * scale
-                                            : at::zeros({N, k}, x.options());
-  bias_scaled = bias_scaled.contiguous();
   at::Tensor in_idx_l;
   if (in_idx.has_value()) in_idx_l = in_idx->to(at::kLong).contiguous();
 
@@ -310,6 +304,14 @@ void gated_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     }
   });
   if (k == 0 || Qout == 0) return;
+
+  // Per-sample epilogue constants (out_idx is validated above): scale and
+  // scale * bias for each kept channel.
+  const at::Tensor scale = out_scale.has_value() ? out_scale->contiguous()
+                                                 : at::ones({N, k}, x.options());
+  const at::Tensor bias_scaled = bias.has_value()
+                                     ? (bias->contiguous().index({out_idx}) * scale).contiguous()
+                                     : at::zeros({N, k}, x.options());
 
   // Pass 2: work items (sample, wide block, output-channel chunk). Small
   // batches split output channels too, so every thread has work.
