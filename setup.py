@@ -18,10 +18,10 @@ if os.environ.get("DYNPRUNE_NO_EXT", "0") != "1":
     ext_modules.append(
         CppExtension(
             "dynprune._C",
-            sources=["csrc/gated_conv2d.cpp"],
+            sources=["csrc/gated_conv2d.cpp", "csrc/dynamic_conv2d.cpp"],
             extra_compile_args={"cxx": flags},
             extra_link_args=["-fopenmp"],
-            depends=["csrc/microkernel.h"],
+            depends=["csrc/microkernel.h", "csrc/gated_conv2d.h"],
         )
     )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

@@ -13,6 +13,7 @@
 #include <vector>
 
 
+#include "gated_conv2d.h"
 #include "microkernel.h"
 
 namespace dynprune {
@@ -424,6 +425,3 @@ TORCH_LIBRARY_IMPL(dynprune, CPU, m) {
   m.impl("gated_conv2d.out", &dynprune::gated_conv2d_out);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dynprune native CPU kernels (registered as torch.ops.dynprune.*)";
-}

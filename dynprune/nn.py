@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynprune.ops import gated_conv2d
+from dynprune.ops import gated_conv2d, select_channels
 
 __all__ = ["ChannelGate", "DynamicConv2d", "saliency_loss"]
 
@@ -47,11 +47,7 @@ class ChannelGate(nn.Module):
 
     def select(self, saliency: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-k channels per sample, sorted ascending, and their saliency."""
-        # Stable sort over channels pre-ordered by priority = lexicographic
-        # (saliency desc, priority desc) ranking, deterministic on ties.
-        order = torch.sort(self.priority, descending=True, stable=True).indices
-        ranked = torch.sort(saliency[:, order], dim=1, descending=True, stable=True).indices
-        idx = torch.sort(order[ranked[:, :k]], dim=1).values
+        idx = select_channels(saliency.detach(), self.priority, k)
         return idx, saliency.gather(1, idx)
 
 
@@ -221,7 +217,13 @@ class DynamicConv2d(nn.Conv2d):
             return self.forward_dense(x)
         xp, padding = self._padding(x)
         weight, bias = self.inference_params()
-        idx, scale = self.gate.select(self.gate.saliency(x), self.k)
+        gate = self.gate
+        if xp is x:  # one native call: gate + gated conv
+            return torch.ops.dynprune.dynamic_conv2d(
+                x, weight, bias, gate.fc.weight, gate.fc.bias, gate.priority, self.k, None,
+                self.stride, padding, self.dilation, self.relu)[0]
+        # asymmetric 'same' padding: the gate pools the unpadded input
+        idx, scale = gate.select(gate.saliency(x), self.k)
         return gated_conv2d(xp, weight, bias, idx, scale, None, self.stride, padding,
                             self.dilation, self.relu)
 

@@ -25,7 +25,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gated_conv2d", "gated_conv2d_reference", "backends"]
+__all__ = [
+    "backends", "channel_gate_reference", "dynamic_conv2d_reference", "gated_conv2d",
+    "gated_conv2d_reference", "select_channels",
+]
 
 _SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor out_idx, Tensor? out_scale, "
@@ -34,6 +37,13 @@ _SCHEMA = (
 _lib = torch.library.Library("dynprune", "DEF")
 _lib.define("gated_conv2d" + _SCHEMA + " -> Tensor")
 _lib.define("gated_conv2d.out" + _SCHEMA[:-1] + ", *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("channel_gate(Tensor x, Tensor gate_weight, Tensor gate_bias, Tensor priority, int k)"
+            " -> (Tensor, Tensor)")
+_lib.define(
+    "dynamic_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor gate_weight, Tensor gate_bias, "
+    "Tensor priority, int k, Tensor? in_idx, int[2] stride, int[2] padding, int[2] dilation, "
+    "bool relu) -> (Tensor, Tensor, Tensor)"
+)
 
 _BACKENDS = {"reference": True, "cpu": "reference", "cuda": "reference"}
 
@@ -156,6 +166,50 @@ def _reference_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
     return out.copy_(y)
 
 
+def select_channels(saliency: torch.Tensor, priority: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k channels per row of ``saliency``, sorted ascending.
+
+    Ranking: saliency descending, ties by priority descending, then by lower
+    channel index (NaN saliency ranks first, as in torch.sort). Stable sorts
+    over channels pre-ordered by priority give exactly this order.
+    """
+    order = torch.sort(priority, descending=True, stable=True).indices
+    ranked = torch.sort(saliency[:, order], dim=1, descending=True, stable=True).indices
+    return torch.sort(order[ranked[:, :k]], dim=1).values
+
+
+def _check_gate(x, gate_weight, gate_bias, priority, k):
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, Cin, H, W], got {x.dim()}-D")
+    if gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_weight must have shape [Cout, {x.shape[1]}], "
+                         f"got {list(gate_weight.shape)}")
+    c = gate_weight.shape[0]
+    if gate_bias.shape != (c,) or priority.shape != (c,):
+        raise ValueError(f"gate_bias and priority must have shape [{c}]")
+    if not 1 <= k <= c:
+        raise ValueError(f"k must be in [1, {c}], got {k}")
+    for t in (gate_weight, gate_bias, priority):
+        if t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: x is {x.dtype} but a gate tensor is {t.dtype}")
+
+
+def channel_gate_reference(x, gate_weight, gate_bias, priority, k):
+    """``(out_idx, out_scale)``: FBS gate ``relu(fc(mean_hw(x)))`` and its top-k."""
+    _check_gate(x, gate_weight, gate_bias, priority, k)
+    saliency = F.relu(F.linear(x.mean((2, 3)), gate_weight, gate_bias))
+    idx = select_channels(saliency.detach(), priority, k)
+    return idx, saliency.gather(1, idx)
+
+
+def dynamic_conv2d_reference(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
+                             stride, padding, dilation, relu):
+    """Gate then gated conv: one eval-mode DynamicConv2d layer. ``(y, idx, scale)``."""
+    idx, scale = channel_gate_reference(x, gate_weight, gate_bias, priority, k)
+    y = gated_conv2d_reference(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
+    return y, idx, scale
+
+
 # --------------------------------------------------------------------------- registration
 
 _native_error = _load_native()
@@ -169,46 +223,77 @@ else:
         RuntimeWarning,
         stacklevel=2,
     )
-    _lib.impl("gated_conv2d", gated_conv2d_reference, "CPU")
-    _lib.impl("gated_conv2d.out", _reference_out, "CPU")
-_lib.impl("gated_conv2d", gated_conv2d_reference, "CUDA")
-_lib.impl("gated_conv2d.out", _reference_out, "CUDA")
+_REFERENCES = {
+    "gated_conv2d": gated_conv2d_reference,
+    "gated_conv2d.out": _reference_out,
+    "channel_gate": channel_gate_reference,
+    "dynamic_conv2d": dynamic_conv2d_reference,
+}
+for _name, _ref in _REFERENCES.items():
+    if _native_error is not None:
+        _lib.impl(_name, _ref, "CPU")
+    _lib.impl(_name, _ref, "CUDA")
 
 
-@torch.library.register_fake("dynprune::gated_conv2d")
-def _fake(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu):
-    # Shapes only: the index checks read data, which fake tensors do not have.
+def _conv_out_shape(x, weight, stride, padding, dilation):
     h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
-    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return (x.shape[0], weight.shape[0], h, w)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.inputs = inputs
+# Fake implementations: shapes only (the index checks read data, which fake
+# tensors do not have), so torch.compile / export can trace the ops.
+@torch.library.register_fake("dynprune::gated_conv2d")
+def _fake(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu):
+    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation))
 
 
-def _backward(ctx, grad):
-    """Gradient of the reference formula (recomputed densely: correct, not fast)."""
-    x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu = ctx.inputs
-    diff = [t for t in (x, weight, bias, out_scale) if t is not None]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in diff]
-        it = iter(leaves)
-        xl, wl = next(it), next(it)
-        bl = next(it) if bias is not None else None
-        sl = next(it) if out_scale is not None else None
-        y = gated_conv2d_reference(xl, wl, bl, out_idx, sl, in_idx, stride, padding, dilation,
-                                   relu)
-        grads = iter(torch.autograd.grad(y, leaves, grad, allow_unused=True))
-    gx, gw = next(grads), next(grads)
-    gb = next(grads) if bias is not None else None
-    gs = next(grads) if out_scale is not None else None
-    return gx, gw, gb, None, gs, None, None, None, None, None
+@torch.library.register_fake("dynprune::channel_gate")
+def _fake_gate(x, gate_weight, gate_bias, priority, k):
+    return (x.new_empty((x.shape[0], k), dtype=torch.long), x.new_empty((x.shape[0], k)))
 
 
-torch.library.register_autograd(
-    "dynprune::gated_conv2d", _backward, setup_context=_setup_context
-)
+@torch.library.register_fake("dynprune::dynamic_conv2d")
+def _fake_dynamic(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx, stride, padding,
+                  dilation, relu):
+    y = x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation))
+    return y, x.new_empty((x.shape[0], k), dtype=torch.long), x.new_empty((x.shape[0], k))
+
+
+def _register_recompute_autograd(name, reference, differentiable):
+    """Autograd for op ``name``: backward recomputes ``reference`` densely.
+
+    Correct gradients for the inputs at positions ``differentiable`` (training
+    uses the dense path anyway; this keeps an eval-mode call differentiable).
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, *grads):
+        inputs = list(ctx.inputs)
+        leaves = {}
+        with torch.enable_grad():
+            for i in differentiable:
+                if inputs[i] is not None:
+                    inputs[i] = leaves[i] = inputs[i].detach().requires_grad_(True)
+            outs = reference(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if g is not None and o.is_floating_point()]
+            got = torch.autograd.grad([o for o, _ in pairs], list(leaves.values()),
+                                      [g for _, g in pairs], allow_unused=True)
+        result = [None] * len(inputs)
+        for i, g in zip(leaves, got):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(f"dynprune::{name}", backward, setup_context=setup_context)
+
+
+_register_recompute_autograd("gated_conv2d", gated_conv2d_reference, (0, 1, 2, 4))
+_register_recompute_autograd("channel_gate", channel_gate_reference, (0, 1, 2))
+_register_recompute_autograd("dynamic_conv2d", dynamic_conv2d_reference, (0, 1, 2, 3, 4))
 
 
 def gated_conv2d(

@@ -1,0 +1,178 @@
+"""`dynprune-bench`: the speed tables a user can reproduce.
+
+    dynprune-bench layers [--batch 1 16] [--keep 0.75 0.5 0.25] [--threads 2]
+    dynprune-bench demo
+
+`layers` times, on the 3x3 layers of ResNet-18 (224 input) and VGG-16 (32x32
+input), a dense nn.Conv2d against DynamicConv2d in eval mode, a static conv of
+the kept size (the physical limit) and masking (dense conv times a mask). The
+kept fraction applies to both input channels (zeroed per sample) and output
+channels. The pytest-benchmark suite in benchmarks/ measures the same cases.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from dynprune.nn import DynamicConv2d
+
+# (name, channels, spatial size) of the 3x3 convs (channels in == out).
+RESNET18_LAYERS = [("r18.l1", 64, 56), ("r18.l2", 128, 28), ("r18.l3", 256, 14), ("r18.l4", 512, 7)]
+VGG16_LAYERS = [("vgg.b1", 64, 32), ("vgg.b2", 128, 16), ("vgg.b3", 256, 8), ("vgg.b4", 512, 4),
+                ("vgg.b5", 512, 2)]
+LAYERS = RESNET18_LAYERS + VGG16_LAYERS
+PROVIDERS = ("dense", "dynamic", "static", "masked")
+
+
+def zero_channels(x: torch.Tensor, keep: int, gen: torch.Generator) -> torch.Tensor:
+    """x with all but ``keep`` random channels per sample set to zero."""
+    n, c = x.shape[:2]
+    mask = torch.zeros(n, c)
+    for i in range(n):
+        mask[i, torch.randperm(c, generator=gen)[:keep]] = 1.0
+    return x * mask[:, :, None, None]
+
+
+@torch.no_grad()
+def layer_case(channels: int, size: int, batch: int, keep: float,
+               seed: int = 0) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The four ways to run one layer at one keep ratio, as zero-arg callables."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Conv2d(channels, channels, 3, padding=1).eval()
+    dyn = DynamicConv2d.from_conv(dense, keep_ratio=keep).eval()
+    dyn.gate.fc.weight.normal_(generator=gen)  # trained-looking gate: per-sample choices
+    k = dyn.k
+    kin = max(1, round(keep * channels))
+    x = zero_channels(torch.randn(batch, channels, size, size, generator=gen), kin, gen)
+    static = nn.Conv2d(kin, k, 3, padding=1).eval()
+    xs = torch.randn(batch, kin, size, size, generator=gen)
+    idx, _ = dyn.gate.select(dyn.gate.saliency(x), k)
+    mask = torch.zeros(batch, channels).scatter_(1, idx, 1.0)[:, :, None, None]
+    return {
+        "dense": lambda: dense(x),
+        "dynamic": lambda: dyn(x),
+        "static": lambda: static(xs),
+        "masked": lambda: dense(x) * mask,
+    }
+
+
+def median_time(fn: Callable[[], object], budget_s: float = 0.3, min_rounds: int = 5) -> float:
+    """Median wall time of ``fn`` in seconds (after warm-up)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    rounds = max(min_rounds, min(500, int(budget_s / once)))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ratio_rows(medians: Dict[Tuple, float], layers=LAYERS, batches=(1, 16),
+               keeps=(0.75, 0.5, 0.25)) -> List[dict]:
+    """Rows of ratios from ``{(layer, batch, provider, keep): seconds}``.
+
+    ``dense`` is stored with keep=1.0.
+    """
+    rows = []
+    for name, c, s in layers:
+        for b in batches:
+            dense = medians.get((name, b, "dense", 1.0))
+            for keep in keeps:
+                dyn = medians.get((name, b, "dynamic", keep))
+                if dense is None or dyn is None:
+                    continue
+                static = medians[(name, b, "static", keep)]
+                masked = medians[(name, b, "masked", keep)]
+                rows.append({
+                    "layer": name, "shape": f"{c}x{s}x{s}", "batch": b, "keep": keep,
+                    "dense_ms": 1e3 * dense, "dynamic_ms": 1e3 * dyn, "static_ms": 1e3 * static,
+                    "masked_ms": 1e3 * masked, "dyn_over_static": dyn / static,
+                    "dense_over_dyn": dense / dyn, "masked_over_dyn": masked / dyn,
+                })
+    return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    head = ("| layer | shape | batch | keep | dense ms | dynamic ms | static ms | masked ms "
+            "| dyn/static | dense/dyn | masked/dyn |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['keep']} | {r['dense_ms']:.3f} "
+            f"| {r['dynamic_ms']:.3f} | {r['static_ms']:.3f} | {r['masked_ms']:.3f} "
+            f"| {r['dyn_over_static']:.2f} | {r['dense_over_dyn']:.2f} | {r['masked_over_dyn']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_layers(batches, keeps, budget_s: float) -> List[dict]:
+    from tqdm import tqdm
+
+    medians = {}
+    jobs = [(l, b, k) for l in LAYERS for b in batches for k in keeps]
+    for (name, c, s), b, keep in tqdm(jobs, desc="layers", unit="case"):
+        case = layer_case(c, s, b, keep)
+        with torch.no_grad():
+            if (name, b, "dense", 1.0) not in medians:
+                medians[(name, b, "dense", 1.0)] = median_time(case["dense"], budget_s)
+            for p in ("dynamic", "static", "masked"):
+                medians[(name, b, p, keep)] = median_time(case[p], budget_s)
+    return ratio_rows(medians, batches=batches, keeps=keeps)
+
+
+def demo() -> None:
+    """Convert a ResNet-18, show outputs match at keep 1, time keep 0.5."""
+    from dynprune import convert, flops
+    from dynprune.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=1000).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        same = convert(_clone(model), keep_ratio=1.0).eval()
+        err = ((same(x) - ref).abs().max() / ref.abs().max()).item()
+        print(f"ResNet-18, keep_ratio=1.0: max relative difference to nn.Conv2d model {err:.2e}")
+        half = convert(_clone(model), keep_ratio=0.5).eval()
+        report = flops(half, x)
+        t_dense = median_time(lambda: model(x), 1.0)
+        t_half = median_time(lambda: half(x), 1.0)
+    print(f"keep_ratio=0.5: {report}")
+    print(f"batch 1, {torch.get_num_threads()} threads: dense {1e3 * t_dense:.1f} ms, "
+          f"dynamic {1e3 * t_half:.1f} ms, speedup {t_dense / t_half:.2f}x")
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="dynprune-bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("layers", help="layer-level speed table")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per case")
+    sub.add_parser("demo", help="convert ResNet-18, check outputs, print speedup")
+    args = parser.parse_args(argv)
+    if args.cmd == "layers":
+        torch.set_num_threads(args.threads)
+        rows = run_layers(args.batch, args.keep, args.budget)
+        print(format_rows(rows))
+    else:
+        demo()
+
+
+if __name__ == "__main__":
+    main()
