@@ -1,77 +1,51 @@
-// CPU implementation of dynprune::dynamic_conv2d: the channel gate and the
-// gated convolution of one DynamicConv2d layer in a single native call, so an
-// eval forward costs one dispatch instead of a dozen small Python-level ops.
+// CPU implementation of dynprune::channel_gate and dynprune::dynamic_conv2d:
+// the gate and the gated convolution of one DynamicConv2d layer in a single
+// native call, so an eval forward costs one dispatch.
 //
-//   saliency = relu(gate_weight @ mean_hw(x) + gate_bias)          [N, Cout]
-//   out_idx  = top-k channels by (saliency desc, priority desc, index asc),
-//              sorted ascending;  out_scale = saliency[out_idx]
+//   saliency = relu(gate_weight @ mean_hw(x) + gate_bias)     [N, Cout], float64, rounded once
+//   out_idx  = top-k channels by (saliency desc, priority desc, index asc), sorted ascending
+//   out_scale = saliency[out_idx]
 //   y        = gated_conv2d(x, weight, bias, out_idx, out_scale, in_idx, ...)
 //
-// The Python reference (dynprune/ops.py) defines the same ranking.
+// The Python reference (dynprune/ops.py) defines the same computation.
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <numeric>
-#include <vector>
 
 #include "gated_conv2d.h"
 
 namespace dynprune {
-namespace {
 
-// Top-k of one saliency row; NaN ranks first (as in torch.sort), so it reaches
-// the output instead of being silently dropped.
-template <typename scalar_t>
-void select_row(const scalar_t* sal, const scalar_t* prio, int64_t C, int64_t k,
-                std::vector<int64_t>& order, int64_t* idx_out) {
-  auto key = [&](int64_t c) {
-    const double v = static_cast<double>(sal[c]);
-    return std::isnan(v) ? INFINITY : v;
-  };
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-    const double ka = key(a), kb = key(b);
-    if (ka != kb) return ka > kb;
-    if (prio[a] != prio[b]) return prio[a] > prio[b];
-    return a < b;
-  });
-  std::sort(order.begin(), order.begin() + k);
-  std::copy(order.begin(), order.begin() + k, idx_out);
+void check_gate(const at::Tensor& x, const Gate& gate) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [N, Cin, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(gate.weight.dim() == 2 && gate.weight.size(1) == x.size(1),
+                    "gate_weight must have shape [Cout, ", x.size(1), "], got ",
+                    gate.weight.sizes());
+  const int64_t C = gate.weight.size(0);
+  TORCH_CHECK_VALUE(gate.bias.dim() == 1 && gate.bias.size(0) == C && gate.priority.dim() == 1 &&
+                        gate.priority.size(0) == C,
+                    "gate_bias and priority must have shape [", C, "]");
+  TORCH_CHECK_VALUE(gate.k >= 1 && gate.k <= C, "k must be in [1, ", C, "], got ", gate.k);
+  for (const at::Tensor* t : {&gate.weight, &gate.bias, &gate.priority}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "dtype mismatch: x is ",
+                     x.scalar_type(), " but a gate tensor is ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "all tensors must be on ", x.device(),
+                      ", got one on ", t->device());
+  }
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> channel_gate(const at::Tensor& x, const at::Tensor& gate_weight,
                                                 const at::Tensor& gate_bias,
                                                 const at::Tensor& priority, int64_t k) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [N, Cin, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(gate_weight.dim() == 2 && gate_weight.size(1) == x.size(1),
-                    "gate_weight must have shape [Cout, ", x.size(1), "], got ", gate_weight.sizes());
-  const int64_t C = gate_weight.size(0);
-  TORCH_CHECK_VALUE(gate_bias.dim() == 1 && gate_bias.size(0) == C && priority.dim() == 1 &&
-                        priority.size(0) == C,
-                    "gate_bias and priority must have shape [", C, "]");
-  TORCH_CHECK_VALUE(k >= 1 && k <= C, "k must be in [1, ", C, "], got ", k);
-  for (const at::Tensor* t : {&gate_weight, &gate_bias, &priority}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "dtype mismatch: x is ",
-                     x.scalar_type(), " but a gate tensor is ", t->scalar_type());
-  }
-  const int64_t N = x.size(0);
-  const at::Tensor sal = at::relu(at::linear(x.mean({2, 3}), gate_weight, gate_bias)).contiguous();
-  const at::Tensor prio = priority.contiguous();
-  at::Tensor idx = at::empty({N, k}, x.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_gate", [&] {
-    const scalar_t* s = sal.data_ptr<scalar_t>();
-    const scalar_t* p = prio.data_ptr<scalar_t>();
-    int64_t* out = idx.data_ptr<int64_t>();
-    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-      std::vector<int64_t> order(C);
-      for (int64_t n = b; n < e; ++n) select_row(s + n * C, p, C, k, order, out + n * k);
-    });
-  });
+  check_gate(x, Gate{gate_weight, gate_bias, priority, k});
+  const at::Tensor mean = x.mean({2, 3}, false, at::kDouble);
+  const at::Tensor sal =
+      at::relu(at::linear(mean, gate_weight.to(at::kDouble), gate_bias.to(at::kDouble)))
+          .to(x.scalar_type());
+  // Rank by (saliency desc, priority desc, index asc) with two stable sorts,
+  // exactly as dynprune.ops.select_channels does.
+  const at::Tensor order = std::get<1>(at::sort(priority, true, 0, true));
+  const at::Tensor ranked = std::get<1>(at::sort(sal.index_select(1, order), true, 1, true));
+  const at::Tensor idx =
+      std::get<0>(at::sort(order.index({ranked.narrow(1, 0, k)}), false, 1, false));
   return {idx, sal.gather(1, idx)};
 }
 
@@ -80,8 +54,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
     const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& priority,
     int64_t k, const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
-  auto [idx, scale] = channel_gate(x, gate_weight, gate_bias, priority, k);
-  at::Tensor y = gated_conv2d(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu);
+  const Gate gate{gate_weight, gate_bias, priority, k};
+  check_gate(x, gate);
+  const Geometry g =
+      check_inputs(x, weight, bias, nullptr, c10::nullopt, in_idx, stride, padding, dilation);
+  TORCH_CHECK_VALUE(gate_weight.size(0) == g.Cout, "gate_weight has ", gate_weight.size(0),
+                    " rows but weight has ", g.Cout, " output channels");
+  if (x.scalar_type() != at::kFloat || g.N == 0) {
+    auto [idx, scale] = channel_gate(x, gate_weight, gate_bias, priority, k);
+    at::Tensor y = gated_conv2d(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu);
+    return {y, idx, scale};
+  }
+  if (in_idx.has_value()) check_index_values(*in_idx, "in_idx", g.Cin);
+  at::Tensor idx = at::empty({g.N, k}, x.options().dtype(at::kLong));
+  at::Tensor scale = at::empty({g.N, k}, x.options());
+  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  sparse_conv2d_f32(x, weight, bias.has_value() ? *bias : at::Tensor(), &gate, idx, scale,
+                    in_idx.has_value() ? *in_idx : at::Tensor(), g, relu, y);
   return {y, idx, scale};
 }
 

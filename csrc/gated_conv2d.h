@@ -1,9 +1,41 @@
-// dynprune::gated_conv2d, CPU (see gated_conv2d.cpp).
+// Shared declarations of the CPU ops (see gated_conv2d.cpp, sparse_f32.cpp,
+// dynamic_conv2d.cpp).
 #pragma once
 
 #include <torch/extension.h>
 
 namespace dynprune {
+
+// Convolution geometry, resolved and validated once per call.
+struct Geometry {
+  int64_t N, Cin, H, W, Cout, kh, kw, Ho, Wo;
+  int64_t sh, sw, ph, pw, dh, dw;
+};
+
+// Shape/dtype/device checks of gated_conv2d's arguments (ValueError/TypeError).
+Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor* out_idx,
+                      const c10::optional<at::Tensor>& out_scale,
+                      const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// Index values of each row: in [0, limit) and strictly increasing.
+void check_index_values(const at::Tensor& idx, const char* name, int64_t limit);
+
+// The gate of dynamic_conv2d: saliency = relu(gate_weight @ mean_hw(x) + gate_bias),
+// computed in float64 and rounded once, so every backend ranks alike.
+struct Gate {
+  at::Tensor weight, bias, priority;  // [Cout, Cin], [Cout], [Cout]
+  int64_t k;
+};
+void check_gate(const at::Tensor& x, const Gate& gate);
+
+// The float32 sparse kernel. With `gate`, out_idx/out_scale are outputs
+// (already allocated [N, k]); without, they are validated inputs (out_scale
+// may be undefined: scale 1). in_idx undefined: non-zero channels are found.
+void sparse_conv2d_f32(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const Gate* gate, at::Tensor& out_idx, at::Tensor& out_scale,
+                       const at::Tensor& in_idx, const Geometry& g, bool relu, at::Tensor& y);
 
 at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,

@@ -35,7 +35,7 @@ static inline __attribute__((always_inline)) void tile(
   v16 acc[J][R];
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r)
-      acc[j][r] = first ? v16{} : *reinterpret_cast<const v16*>(cbuf + j * kQBlock + r * kLanes);
+      acc[j][r] = first ? v16{} : *reinterpret_cast<const v16u*>(cbuf + j * kQBlock + r * kLanes);
 
   for (int64_t i = 0; i < ci; ++i) {
     const float* w[J];
@@ -54,7 +54,7 @@ static inline __attribute__((always_inline)) void tile(
 
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r)
-      *reinterpret_cast<v16*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
+      *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
 }
 
 // Runtime (J, R) -> compile-time tile. J in [1, kJBlock], R in [1, 4].

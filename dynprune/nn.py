@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynprune.ops import gated_conv2d, select_channels
+from dynprune.ops import gate_saliency, gated_conv2d, select_channels
 
 __all__ = ["ChannelGate", "DynamicConv2d", "saliency_loss"]
 
@@ -27,7 +27,7 @@ __all__ = ["ChannelGate", "DynamicConv2d", "saliency_loss"]
 class ChannelGate(nn.Module):
     """Per-sample channel saliency and top-k selection.
 
-    ``saliency = relu(fc(mean_hw(x)))``. The gate starts neutral: ``fc`` has zero
+    ``saliency = relu(fc(mean_hw(x)))`` (in float64, rounded once). The gate starts neutral: ``fc`` has zero
     weight and unit bias, so every saliency is exactly 1 (keep_ratio=1 then
     reproduces the dense layer). Ties are broken by ``priority`` (higher first;
     filter norms when made by :meth:`DynamicConv2d.from_conv`), so an untrained
@@ -43,7 +43,7 @@ class ChannelGate(nn.Module):
 
     def saliency(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, Cin, H, W] -> [N, Cout]`` non-negative saliency."""
-        return F.relu(self.fc(x.mean((2, 3))))
+        return gate_saliency(x, self.fc.weight, self.fc.bias)
 
     def select(self, saliency: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-k channels per sample, sorted ascending, and their saliency."""

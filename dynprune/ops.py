@@ -178,6 +178,13 @@ def select_channels(saliency: torch.Tensor, priority: torch.Tensor, k: int) -> t
     return torch.sort(order[ranked[:, :k]], dim=1).values
 
 
+def gate_saliency(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """``relu(gate_weight @ mean_hw(x) + gate_bias)``, computed in float64 and
+    rounded once to x.dtype, so every backend ranks channels alike."""
+    mean = x.mean((2, 3), dtype=torch.float64)
+    return F.relu(F.linear(mean, gate_weight.double(), gate_bias.double())).to(x.dtype)
+
+
 def _check_gate(x, gate_weight, gate_bias, priority, k):
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, Cin, H, W], got {x.dim()}-D")
@@ -197,7 +204,7 @@ def _check_gate(x, gate_weight, gate_bias, priority, k):
 def channel_gate_reference(x, gate_weight, gate_bias, priority, k):
     """``(out_idx, out_scale)``: FBS gate ``relu(fc(mean_hw(x)))`` and its top-k."""
     _check_gate(x, gate_weight, gate_bias, priority, k)
-    saliency = F.relu(F.linear(x.mean((2, 3)), gate_weight, gate_bias))
+    saliency = gate_saliency(x, gate_weight, gate_bias)
     idx = select_channels(saliency.detach(), priority, k)
     return idx, saliency.gather(1, idx)
 

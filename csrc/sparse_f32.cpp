@@ -1,0 +1,365 @@
+// The float32 sparse convolution behind gated_conv2d and dynamic_conv2d.
+//
+// One OpenMP region per call, in phases separated by the implicit barriers of
+// `omp for`:
+//   A1  per (sample, input channel): channel mean (for the gate, in float64)
+//       and whether the channel holds any non-zero value
+//   A2  per (sample, output channel): gate saliency
+//   A3  per sample: top-k selection, kept input channels, epilogue constants
+//   A4  per (sample, channel): copy kept input channels into the wide grid,
+//       zero the pruned output rows
+//   B   the register-tiled GEMM over work items (see microkernel.h)
+// Nothing in the region throws: all validation happens before it.
+#include <omp.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "gated_conv2d.h"
+#include "microkernel.h"
+
+namespace dynprune {
+namespace {
+
+// ---------------------------------------------------------------- wide grid
+//
+// The kept input channels of a sample are copied once into a zero-padded
+// buffer, split into stride phases: phase (py, px) of channel i holds padded
+// pixels (py + sh*a, px + sw*b). Output pixel (oh, ow) is computed at "wide"
+// position q = oh*Wph + ow, and tap (r, s) then reads element q + tap_off[t]
+// of the channel: consecutive q read consecutive floats for any stride and
+// dilation. Positions with ow >= Wo are junk and never stored.
+
+struct Wide {
+  int64_t Hph, Wph, chan;         // phase plane size; floats per channel (all phases)
+  int64_t Q, qblocks, len_extra;  // wide positions, blocks, buffer slack
+  std::vector<int64_t> tap_off;
+};
+
+Wide make_wide(const Geometry& g) {
+  Wide w;
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+  w.Hph = (Hp + g.sh - 1) / g.sh;
+  w.Wph = (Wp + g.sw - 1) / g.sw;
+  w.chan = g.sh * g.sw * w.Hph * w.Wph;
+  w.Q = g.Ho * w.Wph;
+  w.qblocks = (w.Q + kQBlock - 1) / kQBlock;
+  int64_t max_off = 0;
+  for (int64_t r = 0; r < g.kh; ++r) {
+    for (int64_t s = 0; s < g.kw; ++s) {
+      const int64_t a = r * g.dh, b = s * g.dw;
+      const int64_t phase = (a % g.sh) * g.sw + b % g.sw;
+      const int64_t off = phase * w.Hph * w.Wph + (a / g.sh) * w.Wph + b / g.sw;
+      w.tap_off.push_back(off);
+      max_off = std::max(max_off, off);
+    }
+  }
+  // Junk positions of the last block may read past the last channel.
+  w.len_extra = std::max<int64_t>(0, w.qblocks * kQBlock + max_off - w.chan) + 1;
+  return w;
+}
+
+// Copies one H x W input plane into its wide-grid slot (w.chan floats).
+void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float* dst) {
+  for (int64_t py = 0; py < g.sh; ++py) {
+    for (int64_t px = 0; px < g.sw; ++px) {
+      float* d = dst + (py * g.sw + px) * w.Hph * w.Wph;
+      // Columns b with 0 <= px + sw*b - pw < W come from x; the rest are padding.
+      const int64_t c0 = px - g.pw;
+      const int64_t b_lo = std::min(w.Wph, c0 >= 0 ? 0 : (-c0 + g.sw - 1) / g.sw);
+      const int64_t b_hi =
+          std::max(b_lo, std::min(w.Wph, g.W - 1 - c0 < 0 ? 0 : (g.W - 1 - c0) / g.sw + 1));
+      for (int64_t a = 0; a < w.Hph; ++a, d += w.Wph) {
+        const int64_t ih = py + g.sh * a - g.ph;
+        if (ih < 0 || ih >= g.H) {
+          std::fill_n(d, w.Wph, 0.f);
+          continue;
+        }
+        const float* row = src + ih * g.W + c0;
+        std::fill_n(d, b_lo, 0.f);
+        if (g.sw == 1) {
+          std::copy(row + b_lo, row + b_hi, d + b_lo);
+        } else {
+          for (int64_t b = b_lo; b < b_hi; ++b) d[b] = row[b * g.sw];
+        }
+        std::fill(d + b_hi, d + w.Wph, 0.f);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- per-sample plan
+
+struct SamplePlan {
+  std::vector<int64_t> in_ch;       // kept input channels
+  std::vector<int64_t> in_off;      // in_ch * taps: offsets into a weight row
+  std::vector<int32_t> in_pos;      // [Cin] position in in_ch, or -1
+  std::vector<char> out_kept;       // [Cout]
+  std::vector<float> bias_scaled;   // [k] scale * bias
+  std::vector<float> buf;           // wide-grid copy of the kept input channels
+};
+
+// Top-k of one saliency row by (saliency desc, priority desc, index asc),
+// sorted ascending. NaN ranks first, as in torch.sort, so it is not dropped.
+void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
+                std::vector<int64_t>& order, int64_t* idx_out) {
+  auto key = [&](int64_t c) { return std::isnan(sal[c]) ? INFINITY : sal[c]; };
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    const float ka = key(a), kb = key(b);
+    if (ka != kb) return ka > kb;
+    if (prio[a] != prio[b]) return prio[a] > prio[b];
+    return a < b;
+  });
+  std::sort(order.begin(), order.begin() + k);
+  std::copy(order.begin(), order.begin() + k, idx_out);
+}
+
+// Input channels per reduction chunk: keeps the chunk's slice of the wide
+// buffer in L1/L2 while every output-channel tile sweeps it.
+int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, 288 / taps); }
+
+// Wide block qb of one sample, kept output channels j in [j0, j1).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void compute_block(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
+                   const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, int64_t qb,
+                   bool relu, float* y_n, float* cbuf) {
+  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
+  const int64_t q0 = qb * kQBlock;
+  const int R = static_cast<int>((std::min<int64_t>(kQBlock, wd.Q - q0) + kLanes - 1) / kLanes);
+  const int64_t ci_chunk = channels_per_chunk(taps);
+
+  if (kin == 0) std::fill_n(cbuf, (j1 - j0) * kQBlock, 0.f);
+  for (int64_t c0 = 0; c0 < kin; c0 += ci_chunk) {
+    const int64_t ci = std::min(ci_chunk, kin - c0);
+    for (int64_t j = j0; j < j1; j += kJBlock) {
+      const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
+      const float* wrows[kJBlock];
+      for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
+      run_tile(J, R, sp.buf.data() + c0 * wd.chan + q0, wd.chan, ci, wd.tap_off.data(), taps,
+               wrows, sp.in_off.data() + c0, cbuf + (j - j0) * kQBlock, c0 == 0);
+    }
+  }
+
+  // Epilogue: act(scale * acc + scale * bias) at the valid (non-junk) positions.
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* acc = cbuf + (j - j0) * kQBlock;
+    float* out = y_n + out_ch[j] * g.Ho * g.Wo;
+    const float sc = scale[j], sb = sp.bias_scaled[j];
+    for (int64_t q = q0; q < std::min(q0 + kQBlock, wd.Q);) {
+      const int64_t oh = q / wd.Wph, ow = q % wd.Wph;
+      const int64_t run = std::min(wd.Wph - ow, q0 + kQBlock - q);
+      const int64_t valid = std::max<int64_t>(0, std::min(run, g.Wo - ow));
+      const float* a = acc + (q - q0);
+      float* o = out + oh * g.Wo + ow;
+      if (relu) {
+        for (int64_t l = 0; l < valid; ++l) {
+          const float v = a[l] * sc + sb;
+          o[l] = v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
+        }
+      } else {
+        for (int64_t l = 0; l < valid; ++l) o[l] = a[l] * sc + sb;
+      }
+      q += run;
+    }
+  }
+}
+
+// Sum (float64) and "any non-zero" of one plane.
+void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  bool nz = false;
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    for (int l = 0; l < 8; ++l) {
+      s[l] += p[e + l];
+      nz |= p[e + l] != 0.f;  // NaN != 0: a NaN channel is kept, so NaN propagates
+    }
+  }
+  for (; e < n; ++e) {
+    s[0] += p[e];
+    nz |= p[e] != 0.f;
+  }
+  *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  *nonzero = nz;
+}
+
+bool any_nonzero(const float* p, int64_t n) {
+  for (int64_t e = 0; e < n; ++e)
+    if (p[e] != 0.f) return true;
+  return false;
+}
+
+}  // namespace
+
+void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
+                       const at::Tensor& bias_in, const Gate* gate, at::Tensor& out_idx,
+                       at::Tensor& out_scale, const at::Tensor& in_idx_in, const Geometry& g,
+                       bool relu, at::Tensor& y) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : bias_in;
+  const at::Tensor in_idx = in_idx_in.defined() ? in_idx_in.to(at::kLong).contiguous() : in_idx_in;
+  const int64_t N = g.N, Cin = g.Cin, Cout = g.Cout, k = out_idx.size(1);
+  const int64_t plane = g.H * g.W, Qout = g.Ho * g.Wo, taps = g.kh * g.kw;
+  const Wide wd = make_wide(g);
+
+  at::Tensor gw, gb, prio;
+  if (gate) {
+    gw = gate->weight.contiguous();
+    gb = gate->bias.contiguous();
+    prio = gate->priority.contiguous();
+  }
+  const bool need_sum = gate != nullptr, need_scan = !in_idx.defined();
+  std::vector<double> means(need_sum ? N * Cin : 0);
+  std::vector<char> nonzero(need_scan ? N * Cin : 0);
+  std::vector<float> sal(gate ? N * Cout : 0);
+  std::vector<SamplePlan> plans(N);
+
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  int64_t* oi = out_idx.data_ptr<int64_t>();
+  float* os = out_scale.defined() ? out_scale.data_ptr<float>() : nullptr;
+  const int64_t* ii = in_idx.defined() ? in_idx.data_ptr<int64_t>() : nullptr;
+  const int64_t kin_given = in_idx.defined() ? in_idx.size(1) : 0;
+  float* yp = y.data_ptr<float>();
+
+  // Work items of phase B. Small batches split each sample's kept channels
+  // (j ranges) so every thread has work. Batches of layers whose weights
+  // outgrow L2 go channel-major instead: an item is a range of output
+  // channels for all samples, so that weight slice stays in cache while
+  // every sample's kept channels inside it are computed.
+  const int64_t T = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t qblocks = wd.qblocks;
+  const int64_t weight_bytes = Cout * Cin * taps * 4;
+  const bool channel_major = N > 1 && weight_bytes > (512 << 10);
+  int64_t parts, part_len;
+  if (channel_major) {
+    parts = std::max((weight_bytes + (256 << 10) - 1) / (256 << 10), (4 * T + qblocks - 1) / qblocks);
+    parts = std::min(parts, (Cout + kJBlock - 1) / kJBlock);
+    part_len = (Cout + parts - 1) / parts;  // output channels per part
+  } else {
+    const int64_t jblocks = (k + kJBlock - 1) / kJBlock;
+    parts = 1;
+    if (N * qblocks < 4 * T) parts = std::min(jblocks, (4 * T + N * qblocks - 1) / (N * qblocks));
+    parts = std::max<int64_t>(parts, 1);
+    part_len = std::max<int64_t>(1, (jblocks + parts - 1) / parts) * kJBlock;  // kept per part
+    parts = std::max<int64_t>(1, (k + part_len - 1) / part_len);
+  }
+  const int64_t items = channel_major ? parts * qblocks : N * qblocks * parts;
+  const int64_t cbuf_len = part_len * kQBlock;  // accumulators of one item
+
+#pragma omp parallel num_threads(T)
+  {
+    // A1: channel sums (gate) and non-zero flags (channel detection).
+    if (need_sum || need_scan) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < N * Cin; ++t) {
+        const float* p = xp + t * plane;
+        if (need_sum) {
+          double s;
+          bool nz;
+          scan_plane(p, plane, &s, &nz);
+          means[t] = s / static_cast<double>(plane);
+          if (need_scan) nonzero[t] = nz;
+        } else {
+          nonzero[t] = any_nonzero(p, plane);
+        }
+      }
+    }
+    // A2: saliency = relu(W mean + b), float64 then rounded once.
+    if (gate) {
+      const float* W = gw.data_ptr<float>();
+      const float* B = gb.data_ptr<float>();
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < N * Cout; ++t) {
+        const int64_t n = t / Cout, c = t % Cout;
+        const float* wr = W + c * Cin;
+        const double* m = means.data() + n * Cin;
+        double acc[4] = {0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 4 <= Cin; i += 4)
+          for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(wr[i + l]) * m[i + l];
+        for (; i < Cin; ++i) acc[0] += static_cast<double>(wr[i]) * m[i];
+        const double v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + static_cast<double>(B[c]);
+        sal[t] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
+      }
+    }
+    // A3: per sample selection, kept input channels, epilogue constants.
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      SamplePlan& sp = plans[n];
+      int64_t* idx = oi + n * k;
+      if (gate) {
+        std::vector<int64_t> order(Cout);
+        select_row(sal.data() + n * Cout, prio.data_ptr<float>(), Cout, k, order, idx);
+        for (int64_t j = 0; j < k; ++j) os[n * k + j] = sal[n * Cout + idx[j]];
+      }
+      sp.in_pos.assign(Cin, -1);
+      if (in_idx.defined()) {
+        if (kin_given > 0) sp.in_ch.assign(ii + n * kin_given, ii + (n + 1) * kin_given);
+        else sp.in_ch.clear();
+      } else {
+        sp.in_ch.clear();
+        for (int64_t c = 0; c < Cin; ++c)
+          if (nonzero[n * Cin + c]) sp.in_ch.push_back(c);
+      }
+      sp.in_off.resize(sp.in_ch.size());
+      for (size_t i = 0; i < sp.in_ch.size(); ++i) {
+        sp.in_off[i] = sp.in_ch[i] * taps;
+        sp.in_pos[sp.in_ch[i]] = static_cast<int32_t>(i);
+      }
+      sp.out_kept.assign(Cout, 0);
+      sp.bias_scaled.resize(k);
+      for (int64_t j = 0; j < k; ++j) {
+        sp.out_kept[idx[j]] = 1;
+        const float sc = os ? os[n * k + j] : 1.f;
+        sp.bias_scaled[j] = bp ? sc * bp[idx[j]] : 0.f;
+      }
+      sp.buf.resize(k > 0 ? sp.in_ch.size() * wd.chan + wd.len_extra : 0);
+      if (k > 0) std::fill(sp.buf.end() - wd.len_extra, sp.buf.end(), 0.f);
+    }
+    // A4: wide-grid copies of kept input channels; zeros in pruned outputs.
+    const int64_t cmax = std::max(Cin, Cout);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N * cmax; ++t) {
+      const int64_t n = t / cmax, c = t % cmax;
+      SamplePlan& sp = plans[n];
+      if (k > 0 && c < Cin && sp.in_pos[c] >= 0)
+        fill_wide_channel(xp + (n * Cin + c) * plane, g, wd, sp.buf.data() + sp.in_pos[c] * wd.chan);
+      if (c < Cout && !sp.out_kept[c]) std::fill_n(yp + (n * Cout + c) * Qout, Qout, 0.f);
+    }
+    // B: the GEMM.
+    if (k > 0 && Qout > 0) {
+      std::vector<float> cbuf(cbuf_len);
+      std::vector<float> ones(os ? 0 : k, 1.f);
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        if (channel_major) {
+          const int64_t part = it / qblocks, qb = it % qblocks;
+          const int64_t c0 = part * part_len, c1 = std::min(Cout, c0 + part_len);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t* idx = oi + n * k;
+            const int64_t j0 = std::lower_bound(idx, idx + k, c0) - idx;
+            const int64_t j1 = std::lower_bound(idx + j0, idx + k, c1) - idx;
+            if (j1 > j0)
+              compute_block(wp, g, wd, plans[n], idx, os ? os + n * k : ones.data(), j0, j1, qb,
+                            relu, yp + n * Cout * Qout, cbuf.data());
+          }
+        } else {
+          const int64_t n = it / (qblocks * parts), qb = (it / parts) % qblocks, part = it % parts;
+          const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
+          compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : ones.data(), j0, j1,
+                        qb, relu, yp + n * Cout * Qout, cbuf.data());
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dynprune
