@@ -26,11 +26,11 @@ constexpr int kQBlock = 4 * kLanes;  // wide output positions per work item
 constexpr int kJBlock = 6;           // output channels per register tile
 
 // acc[J][R*16] (in `cbuf`, row stride kQBlock) += sum over i < ci, t < taps of
-//   w[j][in_off[i] + t] * x[i * plane + tap_off[t] + 0:R*16]
-// first: start from zero instead of cbuf.
+//   w[j][in_off[i] + t] * xs[i][q0 + tap_off[t] + 0:R*16]
+// xs[i]: the wide-grid plane of kept input channel i. first: start from zero.
 template <int J, int R>
 static inline __attribute__((always_inline)) void tile(
-    const float* __restrict x, int64_t plane, int64_t ci, const int64_t* tap_off, int64_t taps,
+    const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
     const float* const* wrows, const int64_t* in_off, float* __restrict cbuf, bool first) {
   v16 acc[J][R];
   for (int j = 0; j < J; ++j)
@@ -40,7 +40,7 @@ static inline __attribute__((always_inline)) void tile(
   for (int64_t i = 0; i < ci; ++i) {
     const float* w[J];
     for (int j = 0; j < J; ++j) w[j] = wrows[j] + in_off[i];
-    const float* xi = x + i * plane;
+    const float* xi = xs[i] + q0;
     for (int64_t t = 0; t < taps; ++t) {
       const float* xp = xi + tap_off[t];
       v16 xv[R];
@@ -60,26 +60,26 @@ static inline __attribute__((always_inline)) void tile(
 // Runtime (J, R) -> compile-time tile. J in [1, kJBlock], R in [1, 4].
 template <int R>
 static inline __attribute__((always_inline)) void tile_j(
-    int J, const float* x, int64_t plane, int64_t ci, const int64_t* tap_off, int64_t taps,
+    int J, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
     const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
   switch (J) {
-    case 6: tile<6, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 5: tile<5, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 4: tile<4, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile<3, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile<2, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile<1, R>(x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 6: tile<6, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 5: tile<5, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 4: tile<4, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 3: tile<3, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 2: tile<2, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    default: tile<1, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
   }
 }
 
 static inline __attribute__((always_inline)) void run_tile(
-    int J, int R, const float* x, int64_t plane, int64_t ci, const int64_t* tap_off, int64_t taps,
+    int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
     const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
   switch (R) {
-    case 4: tile_j<4>(J, x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile_j<3>(J, x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile_j<2>(J, x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile_j<1>(J, x, plane, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 4: tile_j<4>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 3: tile_j<3>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 2: tile_j<2>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    default: tile_j<1>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
   }
 }
 

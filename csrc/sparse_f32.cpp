@@ -2,12 +2,12 @@
 //
 // One OpenMP region per call, in phases separated by the implicit barriers of
 // `omp for`:
-//   A1  per (sample, input channel): channel mean (for the gate, in float64)
-//       and whether the channel holds any non-zero value
+//   A1  per (sample, input channel): channel mean (for the gate, in float64),
+//       whether the channel holds any non-zero value, and, if the kernel
+//       reads it, its copy into the wide grid
 //   A2  per (sample, output channel): gate saliency
 //   A3  per sample: top-k selection, kept input channels, epilogue constants
-//   A4  per (sample, channel): copy kept input channels into the wide grid,
-//       zero the pruned output rows
+//   A4  per (sample, output channel): zeros in the pruned output rows
 //   B   the register-tiled GEMM over work items (see microkernel.h)
 // Nothing in the region throws: all validation happens before it.
 #include <omp.h>
@@ -97,10 +97,9 @@ void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float
 struct SamplePlan {
   std::vector<int64_t> in_ch;       // kept input channels
   std::vector<int64_t> in_off;      // in_ch * taps: offsets into a weight row
-  std::vector<int32_t> in_pos;      // [Cin] position in in_ch, or -1
+  std::vector<const float*> xs;     // wide-grid plane of each kept input channel
   std::vector<char> out_kept;       // [Cout]
   std::vector<float> bias_scaled;   // [k] scale * bias
-  std::vector<float> buf;           // wide-grid copy of the kept input channels
 };
 
 // Top-k of one saliency row by (saliency desc, priority desc, index asc),
@@ -140,8 +139,8 @@ void compute_block(const float* weight, const Geometry& g, const Wide& wd, const
       const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
       const float* wrows[kJBlock];
       for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
-      run_tile(J, R, sp.buf.data() + c0 * wd.chan + q0, wd.chan, ci, wd.tap_off.data(), taps,
-               wrows, sp.in_off.data() + c0, cbuf + (j - j0) * kQBlock, c0 == 0);
+      run_tile(J, R, sp.xs.data() + c0, q0, ci, wd.tap_off.data(), taps, wrows,
+               sp.in_off.data() + c0, cbuf + (j - j0) * kQBlock, c0 == 0);
     }
   }
 
@@ -169,29 +168,48 @@ void compute_block(const float* weight, const Geometry& g, const Wide& wd, const
   }
 }
 
-// Sum (float64) and "any non-zero" of one plane.
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v16i __attribute__((vector_size(64)));
+
+// Sum (float64) and "any non-zero" of one plane; NaN counts as non-zero, so a
+// NaN channel is kept and NaN propagates.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
-  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  bool nz = false;
+  v8d s0 = v8d{}, s1 = v8d{};
+  v16i nz = v16i{};
+  const v16 zero = v16{};
   int64_t e = 0;
-  for (; e + 8 <= n; e += 8) {
-    for (int l = 0; l < 8; ++l) {
-      s[l] += p[e + l];
-      nz |= p[e + l] != 0.f;  // NaN != 0: a NaN channel is kept, so NaN propagates
-    }
+  for (; e + kLanes <= n; e += kLanes) {
+    const v16 v = *reinterpret_cast<const v16u*>(p + e);
+    s0 += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+    s1 += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+    nz |= (v != zero);
   }
+  double s = 0;
+  bool any = false;
+  for (int l = 0; l < 8; ++l) s += s0[l] + s1[l];
+  for (int l = 0; l < kLanes; ++l) any |= nz[l] != 0;
   for (; e < n; ++e) {
-    s[0] += p[e];
-    nz |= p[e] != 0.f;
+    s += p[e];
+    any |= p[e] != 0.f;
   }
-  *sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  *nonzero = nz;
+  *sum = s;
+  *nonzero = any;
 }
 
 bool any_nonzero(const float* p, int64_t n) {
   for (int64_t e = 0; e < n; ++e)
     if (p[e] != 0.f) return true;
   return false;
+}
+
+// Grow-only scratch for the wide-grid copies: reusing it avoids an mmap and
+// page faults on every call. One per calling thread.
+float* scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
+  return buf.data();
 }
 
 }  // namespace
@@ -216,7 +234,16 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   }
   const bool need_sum = gate != nullptr, need_scan = !in_idx.defined();
   std::vector<double> means(need_sum ? N * Cin : 0);
-  std::vector<char> nonzero(need_scan ? N * Cin : 0);
+  std::vector<char> listed(N * Cin, 0);  // input channel read by the kernel
+  if (in_idx.defined()) {
+    const int64_t kin = in_idx.size(1);
+    const int64_t* p = in_idx.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < kin; ++i) listed[n * Cin + p[n * kin + i]] = 1;
+  }
+  // Wide-grid slot of input channel (n, c): wide + (n * Cin + c) * wd.chan.
+  float* wide = k > 0 ? scratch(N * Cin * wd.chan + wd.len_extra) : nullptr;
+  if (wide) std::fill_n(wide + N * Cin * wd.chan, wd.len_extra, 0.f);
   std::vector<float> sal(gate ? N * Cout : 0);
   std::vector<SamplePlan> plans(N);
 
@@ -225,8 +252,6 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   int64_t* oi = out_idx.data_ptr<int64_t>();
   float* os = out_scale.defined() ? out_scale.data_ptr<float>() : nullptr;
-  const int64_t* ii = in_idx.defined() ? in_idx.data_ptr<int64_t>() : nullptr;
-  const int64_t kin_given = in_idx.defined() ? in_idx.size(1) : 0;
   float* yp = y.data_ptr<float>();
 
   // Work items of phase B. Small batches split each sample's kept channels
@@ -256,21 +281,21 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
 
 #pragma omp parallel num_threads(T)
   {
-    // A1: channel sums (gate) and non-zero flags (channel detection).
-    if (need_sum || need_scan) {
+    // A1: channel sums (gate), non-zero detection, wide-grid copy of the
+    // channels the kernel reads (while the plane is hot in L1).
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < N * Cin; ++t) {
-        const float* p = xp + t * plane;
-        if (need_sum) {
-          double s;
-          bool nz;
-          scan_plane(p, plane, &s, &nz);
-          means[t] = s / static_cast<double>(plane);
-          if (need_scan) nonzero[t] = nz;
-        } else {
-          nonzero[t] = any_nonzero(p, plane);
-        }
+    for (int64_t t = 0; t < N * Cin; ++t) {
+      const float* p = xp + t * plane;
+      if (need_sum) {
+        double s;
+        bool nz;
+        scan_plane(p, plane, &s, &nz);
+        means[t] = s / static_cast<double>(plane);
+        if (need_scan) listed[t] = nz;
+      } else if (need_scan) {
+        listed[t] = any_nonzero(p, plane);
       }
+      if (wide && listed[t]) fill_wide_channel(p, g, wd, wide + t * wd.chan);
     }
     // A2: saliency = relu(W mean + b), float64 then rounded once.
     if (gate) {
@@ -300,20 +325,16 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         select_row(sal.data() + n * Cout, prio.data_ptr<float>(), Cout, k, order, idx);
         for (int64_t j = 0; j < k; ++j) os[n * k + j] = sal[n * Cout + idx[j]];
       }
-      sp.in_pos.assign(Cin, -1);
-      if (in_idx.defined()) {
-        if (kin_given > 0) sp.in_ch.assign(ii + n * kin_given, ii + (n + 1) * kin_given);
-        else sp.in_ch.clear();
-      } else {
-        sp.in_ch.clear();
-        for (int64_t c = 0; c < Cin; ++c)
-          if (nonzero[n * Cin + c]) sp.in_ch.push_back(c);
+      sp.in_ch.clear();
+      sp.xs.clear();
+      for (int64_t c = 0; c < Cin; ++c) {
+        if (listed[n * Cin + c]) {
+          sp.in_ch.push_back(c);
+          if (wide) sp.xs.push_back(wide + (n * Cin + c) * wd.chan);
+        }
       }
       sp.in_off.resize(sp.in_ch.size());
-      for (size_t i = 0; i < sp.in_ch.size(); ++i) {
-        sp.in_off[i] = sp.in_ch[i] * taps;
-        sp.in_pos[sp.in_ch[i]] = static_cast<int32_t>(i);
-      }
+      for (size_t i = 0; i < sp.in_ch.size(); ++i) sp.in_off[i] = sp.in_ch[i] * taps;
       sp.out_kept.assign(Cout, 0);
       sp.bias_scaled.resize(k);
       for (int64_t j = 0; j < k; ++j) {
@@ -321,18 +342,11 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         const float sc = os ? os[n * k + j] : 1.f;
         sp.bias_scaled[j] = bp ? sc * bp[idx[j]] : 0.f;
       }
-      sp.buf.resize(k > 0 ? sp.in_ch.size() * wd.chan + wd.len_extra : 0);
-      if (k > 0) std::fill(sp.buf.end() - wd.len_extra, sp.buf.end(), 0.f);
     }
-    // A4: wide-grid copies of kept input channels; zeros in pruned outputs.
-    const int64_t cmax = std::max(Cin, Cout);
+    // A4: exact zeros in the pruned output rows.
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < N * cmax; ++t) {
-      const int64_t n = t / cmax, c = t % cmax;
-      SamplePlan& sp = plans[n];
-      if (k > 0 && c < Cin && sp.in_pos[c] >= 0)
-        fill_wide_channel(xp + (n * Cin + c) * plane, g, wd, sp.buf.data() + sp.in_pos[c] * wd.chan);
-      if (c < Cout && !sp.out_kept[c]) std::fill_n(yp + (n * Cout + c) * Qout, Qout, 0.f);
+    for (int64_t t = 0; t < N * Cout; ++t) {
+      if (!plans[t / Cout].out_kept[t % Cout]) std::fill_n(yp + t * Qout, Qout, 0.f);
     }
     // B: the GEMM.
     if (k > 0 && Qout > 0) {
