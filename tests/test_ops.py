@@ -557,3 +557,33 @@ def test_backends_reports_cpu():
         assert "cpu_error" in info
     if os.environ.get("DYNPRUNE_REQUIRE_NATIVE") == "1":
         assert info["cpu"] == "native", info.get("cpu_error")
+
+
+def test_portable_path_without_avx512_matches_reference():
+    """The non-AVX-512 kernel (forced by DYNPRUNE_DISABLE_AVX512) is correct too."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, dynprune
+        torch.manual_seed(0)
+        worst = 0.0
+        for cin, cout, k, s, p, d in [(5, 7, 3, 1, 1, 1), (6, 4, 3, 2, 2, 2), (3, 9, 1, 1, 0, 1)]:
+            x = torch.randn(3, cin, 9, 8)
+            x[:, 1] = 0
+            w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
+            idx = torch.stack([torch.sort(torch.randperm(cout)[:3]).values for _ in range(3)])
+            sc = torch.randn(3, 3)
+            args = (idx, sc, None, (s, s), (p, p), (d, d), True)
+            y = dynprune.gated_conv2d(x, w, b, *args)
+            ref = dynprune.gated_conv2d_reference(x.double(), w.double(), b.double(), idx,
+                                                  sc.double(), *args[2:])
+            worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+        print(worst)
+    """)
+    env = dict(os.environ, DYNPRUNE_DISABLE_AVX512="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
