@@ -209,6 +209,8 @@ void compute_block(const float* weight, const Geometry& g, const Wide& wd, const
 
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v8fu __attribute__((vector_size(32), aligned(4)));
+typedef double v8du __attribute__((vector_size(64), aligned(8)));
 typedef int v16i __attribute__((vector_size(64)));
 
 // Sum (float64) and "any non-zero" of one plane; NaN counts as non-zero, so a
@@ -235,6 +237,21 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
   }
   *sum = s;
   *nonzero = any;
+}
+
+// sum_i w[i] * m[i] in float64.
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+double dot_f32_f64(const float* w, const double* m, int64_t n) {
+  v8d acc = v8d{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f wv = *reinterpret_cast<const v8fu*>(w + i);
+    acc += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i);
+  }
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (; i < n; ++i) s += static_cast<double>(w[i]) * m[i];
+  return s;
 }
 
 bool any_nonzero(const float* p, int64_t n) {
@@ -334,14 +351,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < N * Cout; ++t) {
         const int64_t n = t / Cout, c = t % Cout;
-        const float* wr = W + c * Cin;
-        const double* m = means.data() + n * Cin;
-        double acc[4] = {0, 0, 0, 0};
-        int64_t i = 0;
-        for (; i + 4 <= Cin; i += 4)
-          for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(wr[i + l]) * m[i + l];
-        for (; i < Cin; ++i) acc[0] += static_cast<double>(wr[i]) * m[i];
-        const double v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + static_cast<double>(B[c]);
+        const double v = dot_f32_f64(W + c * Cin, means.data() + n * Cin, Cin) + B[c];
         sal[t] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
       }
     }
