@@ -41,6 +41,9 @@ static inline __attribute__((always_inline)) void tile(
   for (int64_t i = 0; i < ci; ++i) {
     const float* w[J];
     for (int j = 0; j < J; ++j) w[j] = wrows[j] + in_off[i];
+    if (i + 2 < ci) {  // weights of a later channel: rows are read sparsely, so help the prefetcher
+      for (int j = 0; j < J; ++j) __builtin_prefetch(wrows[j] + in_off[i + 2]);
+    }
     const float* xi = xs[i] + q0;
     const int64_t nt = TAPS > 0 ? TAPS : taps;
 #pragma GCC unroll 9

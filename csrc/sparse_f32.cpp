@@ -123,67 +123,13 @@ void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
 // buffer in L1/L2 while every output-channel tile sweeps it.
 int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, 288 / taps); }
 
-// cbuf[j - j0][0:kQBlock] = sum over kept inputs i, taps t of
-//   weight[out_ch[j], in_ch[i], t] * wide_i[q0 + tap_off[t] + 0:kQBlock]
-// AVX-512 register tiles (microkernel.h); compiled for that target only.
-__attribute__((target("arch=x86-64-v4")))
-void accumulate_avx512(const float* weight, const Geometry& g, const Wide& wd,
-                       const SamplePlan& sp, const int64_t* out_ch, int64_t j0, int64_t j1,
-                       int64_t q0, float* cbuf) {
-  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
-  const int R = static_cast<int>((std::min<int64_t>(kQBlock, wd.Q - q0) + kLanes - 1) / kLanes);
-  const int64_t ci_chunk = channels_per_chunk(taps);
-  for (int64_t c0 = 0; c0 < kin; c0 += ci_chunk) {
-    const int64_t ci = std::min(ci_chunk, kin - c0);
-    for (int64_t j = j0; j < j1; j += kJBlock) {
-      const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
-      const float* wrows[kJBlock];
-      for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
-      run_tile(J, R, sp.xs.data() + c0, q0, ci, wd.tap_off.data(), taps, wrows,
-               sp.in_off.data() + c0, cbuf + (j - j0) * kQBlock, c0 == 0);
-    }
-  }
-}
-
-// The same sums with plain loops, for CPUs without AVX-512 (correct, slower).
-void accumulate_generic(const float* weight, const Geometry& g, const Wide& wd,
-                        const SamplePlan& sp, const int64_t* out_ch, int64_t j0, int64_t j1,
-                        int64_t q0, float* cbuf) {
-  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
-  const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - q0);
-  for (int64_t j = j0; j < j1; ++j) {
-    float* acc = cbuf + (j - j0) * kQBlock;
-    std::fill_n(acc, kQBlock, 0.f);
-    const float* w = weight + out_ch[j] * row_len;
-    for (int64_t i = 0; i < kin; ++i) {
-      for (int64_t t = 0; t < taps; ++t) {
-        const float wv = w[sp.in_off[i] + t];
-        const float* x = sp.xs[i] + q0 + wd.tap_off[t];
-        for (int64_t q = 0; q < nq; ++q) acc[q] += wv * x[q];
-      }
-    }
-  }
-}
-
-// Wide block qb of one sample, kept output channels j in [j0, j1).
-void compute_block(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
-                   const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, int64_t qb,
-                   bool relu, float* y_n, float* cbuf) {
-  // DYNPRUNE_DISABLE_AVX512=1 forces the portable path (tests use it).
-  static const bool avx512 =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
-  const int64_t q0 = qb * kQBlock;
-  if (sp.in_ch.empty()) {
-    std::fill_n(cbuf, (j1 - j0) * kQBlock, 0.f);
-  } else if (avx512) {
-    accumulate_avx512(weight, g, wd, sp, out_ch, j0, j1, q0, cbuf);
-  } else {
-    accumulate_generic(weight, g, wd, sp, out_ch, j0, j1, q0, cbuf);
-  }
-
-  // Epilogue: act(scale * acc + scale * bias) at the valid (non-junk) positions.
+// Epilogue: y = act(scale * acc + scale * bias) at the valid (non-junk)
+// positions of block q0, for kept channels [j0, j1). Inlined into each
+// block_* so it is compiled for the same target.
+static inline __attribute__((always_inline)) void finish_block(
+    const Geometry& g, const Wide& wd, const SamplePlan& sp, const int64_t* out_ch,
+    const float* scale, int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n,
+    const float* cbuf) {
   for (int64_t j = j0; j < j1; ++j) {
     const float* acc = cbuf + (j - j0) * kQBlock;
     float* out = y_n + out_ch[j] * g.Ho * g.Wo;
@@ -205,6 +151,67 @@ void compute_block(const float* weight, const Geometry& g, const Wide& wd, const
       q += run;
     }
   }
+}
+
+// Block q0 of one sample, kept channels [j0, j1): cbuf[j - j0][0:kQBlock] =
+//   sum over kept inputs i, taps t of weight[out_ch[j], in_ch[i], t] * wide_i[q0 + tap_off[t] + ...],
+// then the epilogue. AVX-512 register tiles (microkernel.h), compiled for that target only.
+__attribute__((target("arch=x86-64-v4")))
+void block_avx512(const float* weight, const Geometry& g, const Wide& wd,
+                  const SamplePlan& sp, const int64_t* out_ch, const float* scale,
+                  int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n, float* cbuf) {
+  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
+  const int R = static_cast<int>((std::min<int64_t>(kQBlock, wd.Q - q0) + kLanes - 1) / kLanes);
+  const int64_t ci_chunk = channels_per_chunk(taps);
+  if (kin == 0) std::fill_n(cbuf, (j1 - j0) * kQBlock, 0.f);
+  for (int64_t c0 = 0; c0 < kin; c0 += ci_chunk) {
+    const int64_t ci = std::min(ci_chunk, kin - c0);
+    for (int64_t j = j0; j < j1; j += kJBlock) {
+      const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
+      const float* wrows[kJBlock];
+      for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
+      run_tile(J, R, sp.xs.data() + c0, q0, ci, wd.tap_off.data(), taps, wrows,
+               sp.in_off.data() + c0, cbuf + (j - j0) * kQBlock, c0 == 0);
+    }
+  }
+  finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
+}
+
+// The same sums with plain loops, for CPUs without AVX-512 (correct, slower).
+void block_generic(const float* weight, const Geometry& g, const Wide& wd,
+                   const SamplePlan& sp, const int64_t* out_ch, const float* scale,
+                   int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n, float* cbuf) {
+  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
+  const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - q0);
+  for (int64_t j = j0; j < j1; ++j) {
+    float* acc = cbuf + (j - j0) * kQBlock;
+    std::fill_n(acc, kQBlock, 0.f);  // also the kin == 0 case
+    const float* w = weight + out_ch[j] * row_len;
+    for (int64_t i = 0; i < kin; ++i) {
+      for (int64_t t = 0; t < taps; ++t) {
+        const float wv = w[sp.in_off[i] + t];
+        const float* x = sp.xs[i] + q0 + wd.tap_off[t];
+        for (int64_t q = 0; q < nq; ++q) acc[q] += wv * x[q];
+      }
+    }
+  }
+  finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
+}
+
+// Wide block qb of one sample, kept output channels j in [j0, j1).
+void compute_block(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
+                   const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, int64_t qb,
+                   bool relu, float* y_n, float* cbuf) {
+  // DYNPRUNE_DISABLE_AVX512=1 forces the portable path (tests use it).
+  static const bool avx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
+  const int64_t q0 = qb * kQBlock;
+  if (avx512)
+    block_avx512(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
+  else
+    block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
 }
 
 typedef double v8d __attribute__((vector_size(64)));
