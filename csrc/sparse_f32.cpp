@@ -401,7 +401,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       std::vector<float> ones(os ? 0 : k, 1.f);
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
-        const int64_t n = it / (qblocks * parts), qb = (it / parts) % qblocks, part = it % parts;
+        // Blocks vary in cost (the last one is short): qb varies fastest, so
+        // each thread's contiguous share holds whole (sample, part) rows.
+        const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts, qb = it % qblocks;
         const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
         compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : ones.data(), j0, j1,
                       qb, relu, yp + n * Cout * Qout, cbuf.data());
