@@ -28,8 +28,7 @@ constexpr int kJBlock = 6;           // output channels per register tile
 // acc[J][R*16] (in `cbuf`, row stride kQBlock) += sum over i < ci, t < taps of
 //   w[j][in_off[i] + t] * xs[i][q0 + tap_off[t] + 0:R*16]
 // xs[i]: the wide-grid plane of kept input channel i. first: start from zero.
-// TAPS > 0: the tap count known at compile time (3x3), so the tap loop unrolls.
-template <int J, int R, int TAPS>
+template <int J, int R>
 static inline __attribute__((always_inline)) void tile(
     const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
     const float* const* wrows, const int64_t* in_off, float* __restrict cbuf, bool first) {
@@ -45,9 +44,9 @@ static inline __attribute__((always_inline)) void tile(
       for (int j = 0; j < J; ++j) __builtin_prefetch(wrows[j] + in_off[i + 2]);
     }
     const float* xi = xs[i] + q0;
-    const int64_t nt = TAPS > 0 ? TAPS : taps;
-#pragma GCC unroll 9
-    for (int64_t t = 0; t < nt; ++t) {
+    // Not unrolled: 24 accumulators + 4 inputs leave no registers for a
+    // second tap in flight, and unrolling measured no faster (register moves).
+    for (int64_t t = 0; t < taps; ++t) {
       const float* xp = xi + tap_off[t];
       v16 xv[R];
       for (int r = 0; r < R; ++r) xv[r] = *reinterpret_cast<const v16u*>(xp + r * kLanes);
@@ -64,40 +63,30 @@ static inline __attribute__((always_inline)) void tile(
 }
 
 // J in [1, kJBlock], R in [1, 4].
-template <int R, int TAPS>
+template <int R>
 static inline __attribute__((always_inline)) void tile_j(
     int J, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
     const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
   switch (J) {
-    case 6: tile<6, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 5: tile<5, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 4: tile<4, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile<3, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile<2, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile<1, R, TAPS>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 6: tile<6, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 5: tile<5, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 4: tile<4, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 3: tile<3, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 2: tile<2, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    default: tile<1, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
   }
 }
 
-template <int TAPS>
-static inline __attribute__((always_inline)) void run_tile_taps(
-    int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off,
-    int64_t taps, const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
-  switch (R) {
-    case 4: tile_j<4, TAPS>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile_j<3, TAPS>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile_j<2, TAPS>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile_j<1, TAPS>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-  }
-}
-
-// Runtime (J, R, taps) -> compile-time tile.
+// Runtime (J, R) -> compile-time tile.
 static inline __attribute__((always_inline)) void run_tile(
     int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off,
     int64_t taps, const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
-  if (taps == 9)
-    run_tile_taps<9>(J, R, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first);
-  else
-    run_tile_taps<0>(J, R, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first);
+  switch (R) {
+    case 4: tile_j<4>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 3: tile_j<3>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    case 2: tile_j<2>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+    default: tile_j<1>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+  }
 }
 
 }  // namespace dynprune
