@@ -6,6 +6,7 @@
 //   out_idx  = top-k channels by (saliency desc, priority desc, index asc), sorted ascending
 //   out_scale = saliency[out_idx]
 //   y        = gated_conv2d(x, weight, bias, out_idx, out_scale, in_idx, ...)
+// Input channels outside in_idx are treated as zero by the gate and the conv.
 //
 // The Python reference (dynprune/ops.py) defines the same computation.
 #include <torch/extension.h>
@@ -61,7 +62,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
   TORCH_CHECK_VALUE(gate_weight.size(0) == g.Cout, "gate_weight has ", gate_weight.size(0),
                     " rows but weight has ", g.Cout, " output channels");
   if (x.scalar_type() != at::kFloat || g.N == 0) {
-    auto [idx, scale] = channel_gate(x, gate_weight, gate_bias, priority, k);
+    at::Tensor xg = x;  // channels outside in_idx are zero for the gate too
+    if (in_idx.has_value()) {
+      check_index_values(*in_idx, "in_idx", g.Cin);
+      at::Tensor mask = at::zeros({g.N, g.Cin}, x.options());
+      mask.scatter_(1, in_idx->to(at::kLong), 1.0);
+      xg = x * mask.view({g.N, g.Cin, 1, 1});
+    }
+    auto [idx, scale] = channel_gate(xg, gate_weight, gate_bias, priority, k);
     at::Tensor y = gated_conv2d(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu);
     return {y, idx, scale};
   }

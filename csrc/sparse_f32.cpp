@@ -37,6 +37,7 @@ namespace {
 
 struct Wide {
   int64_t Hph, Wph, chan;         // phase plane size; floats per channel (all phases)
+  std::vector<char> phase_used;   // phases some tap reads (1x1 stride 2 reads one of 4)
   int64_t Q, qblocks, len_extra;  // wide positions, blocks, buffer slack
   std::vector<int64_t> tap_off;
 };
@@ -50,10 +51,12 @@ Wide make_wide(const Geometry& g) {
   w.Q = g.Ho * w.Wph;
   w.qblocks = (w.Q + kQBlock - 1) / kQBlock;
   int64_t max_off = 0;
+  w.phase_used.assign(g.sh * g.sw, 0);
   for (int64_t r = 0; r < g.kh; ++r) {
     for (int64_t s = 0; s < g.kw; ++s) {
       const int64_t a = r * g.dh, b = s * g.dw;
       const int64_t phase = (a % g.sh) * g.sw + b % g.sw;
+      w.phase_used[phase] = 1;
       const int64_t off = phase * w.Hph * w.Wph + (a / g.sh) * w.Wph + b / g.sw;
       w.tap_off.push_back(off);
       max_off = std::max(max_off, off);
@@ -68,6 +71,7 @@ Wide make_wide(const Geometry& g) {
 void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float* dst) {
   for (int64_t py = 0; py < g.sh; ++py) {
     for (int64_t px = 0; px < g.sw; ++px) {
+      if (!w.phase_used[py * g.sw + px]) continue;
       float* d = dst + (py * g.sw + px) * w.Hph * w.Wph;
       // Columns b with 0 <= px + sw*b - pw < W come from x; the rest are padding.
       const int64_t c0 = px - g.pw;
@@ -340,6 +344,10 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < N * Cin; ++t) {
       const float* p = xp + t * plane;
+      if (!need_scan && !listed[t]) {  // outside in_idx: treated as zero, never read
+        if (need_sum) means[t] = 0.0;
+        continue;
+      }
       if (need_sum) {
         double s;
         bool nz;

@@ -211,7 +211,15 @@ def channel_gate_reference(x, gate_weight, gate_bias, priority, k):
 
 def dynamic_conv2d_reference(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
                              stride, padding, dilation, relu):
-    """Gate then gated conv: one eval-mode DynamicConv2d layer. ``(y, idx, scale)``."""
+    """Gate then gated conv: one eval-mode DynamicConv2d layer. ``(y, idx, scale)``.
+
+    Input channels outside ``in_idx`` are treated as zero by the gate and the
+    conv alike (the kernel never reads them).
+    """
+    if in_idx is not None:
+        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
+        in_mask = torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        x = x * in_mask.scatter_(1, in_idx.long(), 1.0)[:, :, None, None]
     idx, scale = channel_gate_reference(x, gate_weight, gate_bias, priority, k)
     y = gated_conv2d_reference(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
     return y, idx, scale

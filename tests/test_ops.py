@@ -587,3 +587,33 @@ def test_portable_path_without_avx512_matches_reference():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("with_in_idx", [False, True])
+def test_dynamic_conv2d_op_matches_reference(dtype, tol, with_in_idx):
+    """Fused gate + conv: same channels, scales and outputs as the reference."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        n, cin, cout, k = 3, 7 + seed, 9 + 2 * seed, 4 + seed
+        x = torch.randn(n, cin, 9, 10, generator=g, dtype=dtype)
+        x[:, seed % cin] = 0
+        w = torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype)
+        b = torch.randn(cout, generator=g, dtype=dtype)
+        gw = torch.randn(cout, cin, generator=g, dtype=dtype)
+        gb = torch.rand(cout, generator=g, dtype=dtype)
+        prio = torch.rand(cout, generator=g, dtype=dtype)
+        in_idx = None
+        if with_in_idx:  # channels outside it are non-zero and must be ignored everywhere
+            in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:cin // 2]).values
+                                  for _ in range(n)])
+        args = (w, b, gw, gb, prio, k, in_idx, [2, 1], [1, 1], [1, 1], seed % 2 == 0)
+        y, idx, scale = torch.ops.dynprune.dynamic_conv2d(x, *args)
+        ry, ridx, rscale = dynamic_conv2d_reference(x.double(), *(a.double() if
+                                                    isinstance(a, torch.Tensor) and a.is_floating_point()
+                                                    else a for a in args))
+        assert torch.equal(idx, ridx), f"seed {seed}: channel selection differs"
+        assert max_rel_err(scale, rscale) < tol
+        assert max_rel_err(y, ry) < tol
