@@ -6,6 +6,9 @@ from typing import Callable, Dict, List, Optional
 import torch.fx
 import torch.nn as nn
 
+import torch.nn.functional as F
+
+from dynprune import nn as dnn
 from dynprune.nn import DynamicConv2d
 
 __all__ = ["convert"]
@@ -54,6 +57,67 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a converted model with DynamicConv2d as an opaque call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, DynamicConv2d) or super().is_leaf_module(m, qualname)
+
+
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
+
+
+def _fuse_relus(model: nn.Module) -> int:
+    """Let eval-mode DynamicConv2d apply the ReLU that alone consumes its output.
+
+    Needs the torch.fx graph (a model that does not trace keeps separate
+    ReLUs). Fusing is only correct when the ReLU is the *only* consumer, since
+    the conv's output itself becomes non-negative. The consuming nn.ReLU
+    instances become dynprune.nn.ReLU, which skips already-ReLU'd input (a
+    functional relu is idempotent on it, just not skipped). Returns the count.
+    """
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:
+        return 0
+    modules = dict(model.named_modules())
+    fused = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), DynamicConv2d):
+            continue
+        # Walk through nn.Identity (a fused BN leaves one): it returns its input.
+        src, user = node, None
+        while len(src.users) == 1:
+            user = next(iter(src.users))
+            if user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity):
+                src, user = user, None
+                continue
+            break
+        if user is None or user.args[:1] != (src,):
+            continue
+        if user.op == "call_module" and type(modules.get(user.target)) in (nn.ReLU, dnn.ReLU):
+            relu = modules[user.target]
+            if type(relu) is nn.ReLU:
+                new = dnn.ReLU(inplace=relu.inplace)
+                _set_submodule(model, user.target, new)
+                modules[user.target] = new
+        elif not ((user.op == "call_function" and user.target in _RELU_FUNCTIONS)
+                  or (user.op == "call_method" and user.target in ("relu", "relu_"))):
+            continue
+        modules[node.target].fuse_relu = True
+        fused += 1
+    return fused
+
+
+def _fast_pools(model: nn.Module) -> None:
+    """nn.MaxPool2d -> dynprune.nn.MaxPool2d (same result, faster NCHW on CPU)."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.MaxPool2d:
+            new = dnn.MaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                mod.return_indices, mod.ceil_mode)
+            _set_submodule(model, name, new)
+
+
 def _convertible(conv: nn.Conv2d) -> bool:
     """Grouped/depthwise convs and non-zero padding modes stay dense."""
     return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv, DynamicConv2d)
@@ -66,6 +130,7 @@ def convert(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     skip_first: bool = True,
     fuse_bn: bool = True,
+    fast_path: bool = True,
 ) -> nn.Module:
     """Replace ``nn.Conv2d`` layers of ``model`` by :class:`DynamicConv2d`, in place.
 
@@ -80,6 +145,12 @@ def convert(
         fuse_bn: move a BatchNorm2d that directly follows a conv into the new
             module (gate after BN, folded at eval) and leave nn.Identity in
             its place, so pruned channels stay exactly zero through BN.
+        fast_path: make the whole network fast in eval mode, with no extra
+            call: a ReLU that alone consumes a converted conv's output runs in
+            the kernel's epilogue, each conv hands its kept channels to the
+            next one that reads its output unmodified (as the input channel
+            list), and nn.MaxPool2d pools through channels_last (PyTorch's
+            NCHW CPU pool is several times slower). Training is unchanged.
 
     Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
     padding_mode are left dense. Freshly converted gates are neutral (scale 1)
@@ -105,4 +176,7 @@ def convert(
         _set_submodule(model, name, DynamicConv2d.from_conv(conv, bn=bn, keep_ratio=keep_ratio))
         if bn_name is not None:
             _set_submodule(model, bn_name, nn.Identity())
+    if fast_path:
+        _fuse_relus(model)
+        _fast_pools(model)
     return model

@@ -24,21 +24,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 1000):
+    """ResNet-18; ``width`` scales every channel count (a statically thinner net)."""
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        c = [max(1, round(v * width)) for v in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, c[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers, inplanes = [], 64
-        for i, planes in enumerate((64, 128, 256, 512)):
+        layers, inplanes = [], c[0]
+        for i, planes in enumerate(c):
             stride = 1 if i == 0 else 2
             layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride),
                                         BasicBlock(planes, planes)))
             inplanes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(inplanes, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -49,5 +52,5 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18(num_classes: int = 1000) -> ResNet18:
-    return ResNet18(num_classes)
+def resnet18(num_classes: int = 1000, width: float = 1.0) -> ResNet18:
+    return ResNet18(num_classes, width)

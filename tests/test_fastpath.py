@@ -1,0 +1,113 @@
+"""The whole-network fast path: ReLU fused, kept channels handed on, faster pools."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynprune
+import dynprune.nn as dnn
+from dynprune.models import MODELS
+
+from zoo import ZOO, randomize_bn
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def trained_looking(model):
+    """Random gates, so every sample keeps its own channels."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, dynprune.DynamicConv2d):
+            with torch.no_grad():
+                # scales near 1 that vary per sample, so deep nets stay finite
+                m.gate.fc.weight.normal_(0, 0.3 / m.in_channels ** 0.5, generator=g)
+                m.gate.fc.bias.uniform_(0.8, 1.2, generator=g)
+    return model
+
+
+def both_paths(model, keep):
+    """(fast-path model, per-layer model) converted alike from ``model``."""
+    fast = dynprune.convert(copy.deepcopy(model), keep_ratio=keep)
+    slow = dynprune.convert(copy.deepcopy(model), keep_ratio=keep, fast_path=False)
+    slow.load_state_dict(trained_looking(fast).state_dict())
+    return fast.eval(), slow.eval()
+
+
+CASES = [(name, lambda f=f: f(), (3, 16, 16)) for name, f in sorted(ZOO.items())]
+CASES += [("resnet20", lambda: MODELS["resnet20"][0](), (3, 32, 32)),
+          ("vgg16", lambda: MODELS["vgg16"][0](), (3, 32, 32))]
+
+
+@pytest.mark.parametrize("name,make,shape", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_fast_path_equals_per_layer_path(name, make, shape, keep):
+    fast, slow = both_paths(randomize_bn(make()), keep)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        y = fast(x)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, slow(x)) < 1e-5
+    fast.train()  # training is untouched by the fast path
+    slow.train()
+    torch.manual_seed(0)
+    a = fast(x)
+    torch.manual_seed(0)
+    assert rel_err(a, slow(x)) < 1e-5
+
+
+def test_resnet_block_fuses_relu_and_hands_on_channels():
+    model = randomize_bn(MODELS["resnet20"][0]())
+    dynprune.convert(model, keep_ratio=0.5)
+    trained_looking(model).eval()
+    block = model.layer2[0]
+    assert block.conv1.fuse_relu and not block.conv2.fuse_relu  # conv2 feeds the residual add
+    assert isinstance(block.relu, dnn.ReLU)
+    seen = {}
+    block.conv2.register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("in_idx", dnn._kept_channels(args[0])))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    in_idx = seen["in_idx"]
+    assert in_idx is not None and in_idx.shape == (2, block.conv1.k)
+
+
+def test_in_place_change_voids_the_mark():
+    conv = dynprune.DynamicConv2d(6, 6, 3, padding=1, keep_ratio=0.5).eval()
+    with torch.no_grad():
+        y = conv(torch.randn(1, 6, 5, 5))
+        assert dnn._kept_channels(y) is not None
+        y.add_(1.0)  # channels outside the kept set are no longer zero
+        assert dnn._kept_channels(y) is None
+        z = conv(y)
+        ref = conv.forward_dense(y)
+    assert rel_err(z, ref) < 1e-5
+
+
+def test_relu_not_fused_when_output_has_other_consumers():
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv(self.stem(x))
+            return self.relu(y) + y  # y is used raw too: fusing the ReLU would be wrong
+
+    model = TwoUses()
+    ref = copy.deepcopy(model).eval()
+    dynprune.convert(model, keep_ratio=1.0).eval()
+    assert not model.conv.fuse_relu
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize("shape,k,s,p", [((2, 5, 13, 11), 3, 2, 1), ((1, 4, 8, 8), 2, 2, 0)])
+def test_maxpool_matches(shape, k, s, p):
+    x = torch.randn(*shape)
+    assert torch.equal(dnn.MaxPool2d(k, s, p)(x), nn.MaxPool2d(k, s, p)(x))
