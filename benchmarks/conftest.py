@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import dynprune
-from dynprune.bench import format_rows, ratio_rows
+from dynprune.bench import format_model_rows, format_rows, model_rows, ratio_rows
 
 RESULTS = Path(__file__).parent / "results"
 MEDIANS = {}
+MODEL_MEDIANS, MODEL_INFOS = {}, {}
 
 
 def pytest_configure(config):
@@ -30,6 +31,16 @@ def record():
     def _record(key, benchmark):
         if benchmark.stats is not None:  # None under --benchmark-disable
             MEDIANS[key] = benchmark.stats.stats.median
+    return _record
+
+
+@pytest.fixture
+def record_model():
+    """record_model(key, benchmark, rows): keep a whole-network median and the case info."""
+    def _record(key, benchmark, rows):
+        if benchmark.stats is not None:
+            MODEL_MEDIANS[key] = benchmark.stats.stats.median
+            MODEL_INFOS[key[:2]] = rows
     return _record
 
 
@@ -46,18 +57,24 @@ def machine() -> dict:
             "backends": dynprune.backends(), "date": time.strftime("%Y-%m-%d")}
 
 
-def pytest_terminal_summary(terminalreporter):
-    rows = ratio_rows(MEDIANS)
-    if not rows:
-        return
-    table = format_rows(rows)
+def _write(terminalreporter, stem: str, title: str, table: str, rows) -> None:
     info = machine()
+    head = f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}, {info['date']}"
     terminalreporter.write_line("")
-    terminalreporter.write_line(f"layer speed, {info['cpu']}, {info['threads']} threads, "
-                                f"torch {info['torch']}, {info['date']}")
+    terminalreporter.write_line(f"{title}, {head}")
     terminalreporter.write_line(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "layers_cpu.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    (RESULTS / "layers_cpu.md").write_text(
-        f"# Layer speed (CPU)\n\n{info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-        f"{info['date']}. Command: `./dev.sh bench`. Medians; ratios from one run.\n\n{table}\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    (RESULTS / f"{stem}.md").write_text(
+        f"# {title}\n\n{head}. Command: `./dev.sh bench`. Medians; ratios from one run.\n\n"
+        f"{table}\n")
+
+
+def pytest_terminal_summary(terminalreporter):
+    rows = ratio_rows(MEDIANS)
+    if rows:
+        _write(terminalreporter, "layers_cpu", "Layer speed (CPU)", format_rows(rows), rows)
+    rows = model_rows(MODEL_MEDIANS, MODEL_INFOS)
+    if rows:
+        _write(terminalreporter, "models_cpu", "Whole-network speed (CPU)",
+               format_model_rows(rows), rows)

@@ -1,6 +1,7 @@
 """`dynprune-bench`: the speed tables a user can reproduce.
 
     dynprune-bench layers [--batch 1 16] [--keep 0.75 0.5 0.25] [--threads 2]
+    dynprune-bench models [--models resnet18 ...] [--batch 1 16] [--threads 2]
     dynprune-bench demo
 
 `layers` times, on the 3x3 layers of ResNet-18 (224 input) and VGG-16 (32x32
@@ -128,6 +129,111 @@ def run_layers(batches, keeps, budget_s: float) -> List[dict]:
     return ratio_rows(medians, batches=batches, keeps=keeps)
 
 
+# ------------------------------------------------------------------ whole networks
+
+MODEL_NAMES = ("resnet18", "resnet20", "resnet56", "vgg16")
+REDUCTIONS = (0.5, 0.75)  # target fraction of executed MACs removed
+
+
+def _bisect(f, target: float, lo: float, hi: float, steps: int = 12) -> float:
+    """x in [lo, hi] with increasing f(x) ~= target."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@torch.no_grad()
+def model_case(name: str, batch: int, reductions=REDUCTIONS, seed: int = 0) -> dict:
+    """Callables for the dense model, the dense model with the fast pool, and, per
+    target MAC reduction, the converted model (keep ratio found by bisection on
+    executed MACs) and the statically thinner model with the same MACs (width
+    found likewise): the physical limit."""
+    from dynprune import convert, flops
+    from dynprune.convert import _fast_pools
+    from dynprune.models import MODELS
+
+    make, shape, classes = MODELS[name]
+    torch.manual_seed(seed)
+    dense = make(num_classes=classes).eval()
+    x = torch.randn(batch, *shape)
+    probe = x[:1]
+    dense_macs = flops(dense, probe).dense_macs
+    pooled = _clone(dense)
+    _fast_pools(pooled)
+    case = {"x": x, "dense": lambda: dense(x), "dense_pool": lambda: pooled(x), "rows": []}
+    for red in reductions:
+        def executed(keep):
+            return flops(convert(_clone(dense), keep_ratio=keep), probe).ratio
+        keep = round(_bisect(lambda k: executed(k), 1 - red, 0.05, 1.0, 10), 3)
+        dyn = convert(_clone(dense), keep_ratio=keep).eval()
+        dyn_ratio = flops(dyn, probe).ratio
+
+        def static_ratio(w):
+            return flops(make(num_classes=classes, width=w).eval(), probe).dense_macs / dense_macs
+        width = round(_bisect(static_ratio, dyn_ratio, 0.05, 1.0, 10), 3)
+        static = make(num_classes=classes, width=width).eval()
+        _fast_pools(static)  # the limit gets the same pool as the fast path
+        case["rows"].append({"reduction": red, "keep": keep, "executed": dyn_ratio,
+                             "width": width, "static_macs": static_ratio(width)})
+        case[("dynamic", red)] = (lambda m: lambda: m(x))(dyn)
+        case[("static", red)] = (lambda m: lambda: m(x))(static)
+    return case
+
+
+def model_rows(medians: Dict[Tuple, float], infos: Dict[Tuple, dict]) -> List[dict]:
+    """Rows from ``{(model, batch, provider, reduction): s}`` and the cases' keep/width."""
+    rows = []
+    for (name, batch), info in infos.items():
+        dense = medians.get((name, batch, "dense", 0.0))
+        pool = medians.get((name, batch, "dense_pool", 0.0))
+        for r in info:
+            dyn = medians.get((name, batch, "dynamic", r["reduction"]))
+            static = medians.get((name, batch, "static", r["reduction"]))
+            if None in (dense, pool, dyn, static):
+                continue
+            rows.append({"model": name, "batch": batch, "target": r["reduction"], "keep": r["keep"],
+                         "fewer_macs": 1 - r["executed"], "width": r["width"],
+                         "dense_ms": 1e3 * dense, "dense_pool_ms": 1e3 * pool,
+                         "dynamic_ms": 1e3 * dyn, "static_ms": 1e3 * static,
+                         "speedup": dense / dyn, "speedup_vs_dense_pool": pool / dyn,
+                         "dyn_over_static": dyn / static})
+    return rows
+
+
+def format_model_rows(rows: Sequence[dict]) -> str:
+    lines = ["| model | batch | keep | fewer MACs | dense ms | dense+pool ms | dynamic ms "
+             "| static ms (width) | speedup | vs dense+pool | dyn/static |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['keep']} | {100 * r['fewer_macs']:.1f}% "
+            f"| {r['dense_ms']:.2f} | {r['dense_pool_ms']:.2f} | {r['dynamic_ms']:.2f} "
+            f"| {r['static_ms']:.2f} ({r['width']}) | {r['speedup']:.2f} "
+            f"| {r['speedup_vs_dense_pool']:.2f} | {r['dyn_over_static']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_models(names, batches, budget_s: float) -> List[dict]:
+    from tqdm import tqdm
+
+    medians, infos = {}, {}
+    for name in tqdm(names, desc="models", unit="model"):
+        for b in batches:
+            case = model_case(name, b)
+            infos[(name, b)] = case["rows"]
+            with torch.no_grad():
+                medians[(name, b, "dense", 0.0)] = median_time(case["dense"], budget_s)
+                medians[(name, b, "dense_pool", 0.0)] = median_time(case["dense_pool"], budget_s)
+                for r in case["rows"]:
+                    for p in ("dynamic", "static"):
+                        medians[(name, b, p, r["reduction"])] = median_time(
+                            case[(p, r["reduction"])], budget_s)
+    return model_rows(medians, infos)
+
+
 def demo() -> None:
     """Convert a ResNet-18, show outputs match at keep 1, time keep 0.5."""
     from dynprune import convert, flops
@@ -164,12 +270,19 @@ def main(argv=None) -> None:
     p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per case")
+    p = sub.add_parser("models", help="whole-network speed table")
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")
     sub.add_parser("demo", help="convert ResNet-18, check outputs, print speedup")
     args = parser.parse_args(argv)
     if args.cmd == "layers":
         torch.set_num_threads(args.threads)
-        rows = run_layers(args.batch, args.keep, args.budget)
-        print(format_rows(rows))
+        print(format_rows(run_layers(args.batch, args.keep, args.budget)))
+    elif args.cmd == "models":
+        torch.set_num_threads(args.threads)
+        print(format_model_rows(run_models(args.models, args.batch, args.budget)))
     else:
         demo()
 

@@ -229,9 +229,14 @@ class DynamicConv2d(nn.Conv2d):
                                 self.dilation, relu)
         # One native call: gate + gated conv. When x is the untouched output of
         # another DynamicConv2d, its kept channels are our input channel list.
-        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(
-            x, weight, bias, gate.fc.weight, gate.fc.bias, gate.priority, self.k,
-            _kept_channels(x), self.stride, padding, self.dilation, relu)
+        args = (x, weight, bias, gate.fc.weight, gate.fc.bias, gate.priority, self.k,
+                _kept_channels(x), self.stride, padding, self.dilation, relu)
+        keys = _BACKEND_KEYS.get(x.device.type)
+        if (keys is None or torch.is_grad_enabled() or type(x) is not torch.Tensor
+                or torch.compiler.is_compiling()):
+            y, idx, _ = _DYNAMIC_CONV2D(*args)
+        else:  # no autograd wanted: skip the (Python) autograd kernel, ~9 us a call
+            y, idx, _ = _DYNAMIC_CONV2D.redispatch(keys, *args)
         _mark(y, idx, relu)
         return y
 
@@ -264,12 +269,21 @@ class DynamicConv2d(nn.Conv2d):
 # bumps the version and voids the mark, so a stale mark is never trusted.
 
 
+_DYNAMIC_CONV2D = torch.ops.dynprune.dynamic_conv2d.default
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+
+
 def _mark(y: torch.Tensor, idx: torch.Tensor, relu: bool) -> None:
-    if not torch.compiler.is_compiling():
+    # Inference tensors have no version counter, so an in-place change could
+    # not be detected: they are never marked (the chain then re-detects).
+    if not y.is_inference() and not torch.compiler.is_compiling():
         y._dynprune_mark = (idx, y._version, relu)
 
 
 def _valid_mark(x: torch.Tensor):
+    if x.is_inference():
+        return None
     mark = getattr(x, "_dynprune_mark", None)
     return mark if mark is not None and mark[1] == x._version else None
 

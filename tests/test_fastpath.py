@@ -111,3 +111,20 @@ def test_relu_not_fused_when_output_has_other_consumers():
 def test_maxpool_matches(shape, k, s, p):
     x = torch.randn(*shape)
     assert torch.equal(dnn.MaxPool2d(k, s, p)(x), nn.MaxPool2d(k, s, p)(x))
+
+
+def test_inference_mode_and_grad_mode_agree():
+    """inference_mode (no version counters: no chaining), no_grad (native call
+    without the autograd kernel) and grad mode (differentiable) give one result."""
+    model = randomize_bn(MODELS["resnet20"][0]())
+    dynprune.convert(model, keep_ratio=0.5)
+    trained_looking(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x)
+    with torch.inference_mode():
+        b = model(x)
+    c = model(x)
+    c.sum().backward()
+    assert rel_err(b, a) < 1e-6 and rel_err(c.detach(), a) < 1e-6
+    assert model.layer1[0].conv1.weight.grad is not None
