@@ -68,6 +68,9 @@ Wide make_wide(const Geometry& g) {
 }
 
 // Copies one H x W input plane into its wide-grid slot (w.chan floats).
+// Inline loops, not memset/memmove calls per row (GCC would emit them): the
+// pads are a pixel or two wide, and short rows dominate small layers.
+__attribute__((target_clones("arch=x86-64-v4", "default"), optimize("no-tree-loop-distribute-patterns")))
 void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float* dst) {
   for (int64_t py = 0; py < g.sh; ++py) {
     for (int64_t px = 0; px < g.sw; ++px) {
@@ -81,17 +84,17 @@ void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float
       for (int64_t a = 0; a < w.Hph; ++a, d += w.Wph) {
         const int64_t ih = py + g.sh * a - g.ph;
         if (ih < 0 || ih >= g.H) {
-          std::fill_n(d, w.Wph, 0.f);
+          for (int64_t b = 0; b < w.Wph; ++b) d[b] = 0.f;
           continue;
         }
         const float* row = src + ih * g.W + c0;
-        std::fill_n(d, b_lo, 0.f);
+        for (int64_t b = 0; b < b_lo; ++b) d[b] = 0.f;
         if (g.sw == 1) {
-          std::copy(row + b_lo, row + b_hi, d + b_lo);
+          for (int64_t b = b_lo; b < b_hi; ++b) d[b] = row[b];
         } else {
           for (int64_t b = b_lo; b < b_hi; ++b) d[b] = row[b * g.sw];
         }
-        std::fill(d + b_hi, d + w.Wph, 0.f);
+        for (int64_t b = b_hi; b < w.Wph; ++b) d[b] = 0.f;
       }
     }
   }
@@ -134,25 +137,36 @@ static inline __attribute__((always_inline)) void finish_block(
     const Geometry& g, const Wide& wd, const SamplePlan& sp, const int64_t* out_ch,
     const float* scale, int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n,
     const float* cbuf) {
+  // Valid runs of the block (one per output row it touches), found once.
+  int32_t lane[kQBlock], len[kQBlock];
+  int64_t dst[kQBlock];
+  int runs = 0;
+  for (int64_t q = q0; q < std::min(q0 + kQBlock, wd.Q);) {
+    const int64_t oh = q / wd.Wph, ow = q % wd.Wph;
+    const int64_t run = std::min(wd.Wph - ow, q0 + kQBlock - q);
+    const int64_t valid = std::min(run, g.Wo - ow);
+    if (valid > 0) {
+      lane[runs] = static_cast<int32_t>(q - q0);
+      len[runs] = static_cast<int32_t>(valid);
+      dst[runs++] = oh * g.Wo + ow;
+    }
+    q += run;
+  }
   for (int64_t j = j0; j < j1; ++j) {
     const float* acc = cbuf + (j - j0) * kQBlock;
     float* out = y_n + out_ch[j] * g.Ho * g.Wo;
     const float sc = scale[j], sb = sp.bias_scaled[j];
-    for (int64_t q = q0; q < std::min(q0 + kQBlock, wd.Q);) {
-      const int64_t oh = q / wd.Wph, ow = q % wd.Wph;
-      const int64_t run = std::min(wd.Wph - ow, q0 + kQBlock - q);
-      const int64_t valid = std::max<int64_t>(0, std::min(run, g.Wo - ow));
-      const float* a = acc + (q - q0);
-      float* o = out + oh * g.Wo + ow;
+    for (int r = 0; r < runs; ++r) {
+      const float* a = acc + lane[r];
+      float* o = out + dst[r];
       if (relu) {
-        for (int64_t l = 0; l < valid; ++l) {
+        for (int l = 0; l < len[r]; ++l) {
           const float v = a[l] * sc + sb;
           o[l] = v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
         }
       } else {
-        for (int64_t l = 0; l < valid; ++l) o[l] = a[l] * sc + sb;
+        for (int l = 0; l < len[r]; ++l) o[l] = a[l] * sc + sb;
       }
-      q += run;
     }
   }
 }
