@@ -33,7 +33,7 @@ case "${1:-test}" in
     bench)
         setup
         "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,iqr \
-            --benchmark-json=benchmarks/results/layers_cpu_raw.json "${@:2}"
+            --benchmark-json=benchmarks/results/benchmarks_cpu_raw.json "${@:2}"
         ;;
     *) echo "usage: ./dev.sh {setup|test|demo|bench}" >&2; exit 2 ;;
 esac
