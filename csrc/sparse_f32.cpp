@@ -351,84 +351,109 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t items = N * qblocks * parts;
   const int64_t cbuf_len = part_len * kQBlock;  // accumulators of one item
 
+  // The phases as per-index steps, shared by both schedules below.
+  auto scan = [&](int64_t t) {  // A1: one (sample, input channel)
+    const float* p = xp + t * plane;
+    if (!need_scan && !listed[t]) {  // outside in_idx: treated as zero, never read
+      if (need_sum) means[t] = 0.0;
+      return;
+    }
+    if (need_sum) {
+      double s;
+      bool nz;
+      scan_plane(p, plane, &s, &nz);
+      means[t] = s / static_cast<double>(plane);
+      if (need_scan) listed[t] = nz;
+    } else if (need_scan) {
+      listed[t] = any_nonzero(p, plane);
+    }
+    if (wide && listed[t]) fill_wide_channel(p, g, wd, wide + t * wd.chan);
+  };
+  const float* gwp = gate ? gw.data_ptr<float>() : nullptr;
+  const float* gbp = gate ? gb.data_ptr<float>() : nullptr;
+  auto saliency = [&](int64_t t) {  // A2: one (sample, output channel), float64 rounded once
+    const int64_t n = t / Cout, c = t % Cout;
+    const double v = dot_f32_f64(gwp + c * Cin, means.data() + n * Cin, Cin) + gbp[c];
+    sal[t] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
+  };
+  auto plan_sample = [&](int64_t n, std::vector<int64_t>& order) {  // A3
+    SamplePlan& sp = plans[n];
+    int64_t* idx = oi + n * k;
+    if (gate) {
+      select_row(sal.data() + n * Cout, prio.data_ptr<float>(), Cout, k, order, idx);
+      for (int64_t j = 0; j < k; ++j) os[n * k + j] = sal[n * Cout + idx[j]];
+    }
+    sp.in_ch.clear();
+    sp.xs.clear();
+    for (int64_t c = 0; c < Cin; ++c) {
+      if (listed[n * Cin + c]) {
+        sp.in_ch.push_back(c);
+        if (wide) sp.xs.push_back(wide + (n * Cin + c) * wd.chan);
+      }
+    }
+    sp.in_off.resize(sp.in_ch.size());
+    for (size_t i = 0; i < sp.in_ch.size(); ++i) sp.in_off[i] = sp.in_ch[i] * taps;
+    sp.out_kept.assign(Cout, 0);
+    sp.bias_scaled.resize(k);
+    for (int64_t j = 0; j < k; ++j) {
+      sp.out_kept[idx[j]] = 1;
+      const float sc = os ? os[n * k + j] : 1.f;
+      sp.bias_scaled[j] = bp ? sc * bp[idx[j]] : 0.f;
+    }
+  };
+  auto zero_row = [&](int64_t t) {  // A4: exact zeros in a pruned output row
+    if (!plans[t / Cout].out_kept[t % Cout]) std::fill_n(yp + t * Qout, Qout, 0.f);
+  };
+  const bool compute = k > 0 && Qout > 0;
+  // Batches of at least a sample per thread run each sample start to end on
+  // one thread: no barriers, and its copies stay in that core's cache.
+  const bool per_sample = N >= T && (N % T == 0 || N >= 4 * T);
+
 #pragma omp parallel num_threads(T)
   {
-    // A1: channel sums (gate), non-zero detection, wide-grid copy of the
-    // channels the kernel reads (while the plane is hot in L1).
+    // Accumulators of one item: a part of the kept channels, or all of them.
+    std::vector<float> cbuf(!compute ? 0 : per_sample ? jblocks * kJBlock * kQBlock : cbuf_len);
+    std::vector<float> ones(os ? 0 : k, 1.f);
+    std::vector<int64_t> order(gate ? Cout : 0);
+    const float* no_scale = ones.data();
+    if (per_sample) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < N * Cin; ++t) {
-      const float* p = xp + t * plane;
-      if (!need_scan && !listed[t]) {  // outside in_idx: treated as zero, never read
-        if (need_sum) means[t] = 0.0;
-        continue;
-      }
-      if (need_sum) {
-        double s;
-        bool nz;
-        scan_plane(p, plane, &s, &nz);
-        means[t] = s / static_cast<double>(plane);
-        if (need_scan) listed[t] = nz;
-      } else if (need_scan) {
-        listed[t] = any_nonzero(p, plane);
-      }
-      if (wide && listed[t]) fill_wide_channel(p, g, wd, wide + t * wd.chan);
-    }
-    // A2: saliency = relu(W mean + b), float64 then rounded once.
-    if (gate) {
-      const float* W = gw.data_ptr<float>();
-      const float* B = gb.data_ptr<float>();
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < N * Cout; ++t) {
-        const int64_t n = t / Cout, c = t % Cout;
-        const double v = dot_f32_f64(W + c * Cin, means.data() + n * Cin, Cin) + B[c];
-        sal[t] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
-      }
-    }
-    // A3: per sample selection, kept input channels, epilogue constants.
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      SamplePlan& sp = plans[n];
-      int64_t* idx = oi + n * k;
-      if (gate) {
-        std::vector<int64_t> order(Cout);
-        select_row(sal.data() + n * Cout, prio.data_ptr<float>(), Cout, k, order, idx);
-        for (int64_t j = 0; j < k; ++j) os[n * k + j] = sal[n * Cout + idx[j]];
-      }
-      sp.in_ch.clear();
-      sp.xs.clear();
-      for (int64_t c = 0; c < Cin; ++c) {
-        if (listed[n * Cin + c]) {
-          sp.in_ch.push_back(c);
-          if (wide) sp.xs.push_back(wide + (n * Cin + c) * wd.chan);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t c = 0; c < Cin; ++c) scan(n * Cin + c);
+        if (gate)
+          for (int64_t c = 0; c < Cout; ++c) saliency(n * Cout + c);
+        plan_sample(n, order);
+        for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
+        if (compute) {
+          for (int64_t qb = 0; qb < qblocks; ++qb)
+            compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, 0, k, qb,
+                          relu, yp + n * Cout * Qout, cbuf.data());
         }
       }
-      sp.in_off.resize(sp.in_ch.size());
-      for (size_t i = 0; i < sp.in_ch.size(); ++i) sp.in_off[i] = sp.in_ch[i] * taps;
-      sp.out_kept.assign(Cout, 0);
-      sp.bias_scaled.resize(k);
-      for (int64_t j = 0; j < k; ++j) {
-        sp.out_kept[idx[j]] = 1;
-        const float sc = os ? os[n * k + j] : 1.f;
-        sp.bias_scaled[j] = bp ? sc * bp[idx[j]] : 0.f;
+    } else {
+      // A1, A2: channel sums, detection, wide copies; saliency.
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < N * Cin; ++t) scan(t);
+      if (gate) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < N * Cout; ++t) saliency(t);
       }
-    }
-    // A4: exact zeros in the pruned output rows.
+      // A3, A4: per sample plans; zeros in pruned rows.
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < N * Cout; ++t) {
-      if (!plans[t / Cout].out_kept[t % Cout]) std::fill_n(yp + t * Qout, Qout, 0.f);
-    }
-    // B: the GEMM.
-    if (k > 0 && Qout > 0) {
-      std::vector<float> cbuf(cbuf_len);
-      std::vector<float> ones(os ? 0 : k, 1.f);
+      for (int64_t n = 0; n < N; ++n) plan_sample(n, order);
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) {
-        // Blocks vary in cost (the last one is short): qb varies fastest, so
-        // each thread's contiguous share holds whole (sample, part) rows.
-        const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts, qb = it % qblocks;
-        const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
-        compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : ones.data(), j0, j1,
-                      qb, relu, yp + n * Cout * Qout, cbuf.data());
+      for (int64_t t = 0; t < N * Cout; ++t) zero_row(t);
+      // B: the GEMM. Blocks vary in cost (the last one is short): qb varies
+      // fastest, so each thread's contiguous share holds whole (sample, part) rows.
+      if (compute) {
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; ++it) {
+          const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts;
+          const int64_t qb = it % qblocks;
+          const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
+          compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, j0, j1, qb,
+                        relu, yp + n * Cout * Qout, cbuf.data());
+        }
       }
     }
   }

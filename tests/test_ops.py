@@ -70,7 +70,8 @@ def make_case(seed: int) -> Case:
     """A random, geometrically valid case; invalid geometries are regenerated."""
     rng = random.Random(1000 + seed)
     gen = torch.Generator().manual_seed(seed)
-    n = [0, 1, 5][seed % 3]
+    # 5: the phased schedule on 2 threads; 4: each sample on one thread (see sparse_f32.cpp)
+    n = [0, 1, 5, 4][seed % 4]
     explicit_in_idx = seed % 2 == 1
     while True:
         cin = rng.choice(CIN_CHOICES) if rng.random() < 0.6 else rng.randint(1, 40)
@@ -173,7 +174,7 @@ def test_random_cases_cover_the_grid():
         "in_idx": {c.in_idx is not None for c in cases},
         "scale": {c.out_scale is not None for c in cases},
     }
-    assert seen["N"] == {0, 1, 5}
+    assert seen["N"] == {0, 1, 4, 5}
     assert seen["stride"] == {1, 2} and seen["dil"] == {1, 2} and seen["k"] == {1, 3, 5}
     assert {0, 1, 2} <= seen["pad"]
     for key in ("relu", "bias", "in_idx", "scale"):
@@ -617,3 +618,18 @@ def test_dynamic_conv2d_op_matches_reference(dtype, tol, with_in_idx):
         assert torch.equal(idx, ridx), f"seed {seed}: channel selection differs"
         assert max_rel_err(scale, rscale) < tol
         assert max_rel_err(y, ry) < tol
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("seed", [6, 7])  # N = 5 and N = 4
+def test_thread_counts_give_the_same_result(threads, seed):
+    """Both work schedules (per sample / phased) and any split agree exactly."""
+    case = make_case(seed)
+    before = torch.get_num_threads()
+    y_default = dynprune.gated_conv2d(*case.args())
+    try:
+        torch.set_num_threads(threads)
+        y = dynprune.gated_conv2d(*case.args())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y, y_default)
