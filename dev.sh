@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dynprune developer entry point.
 #   ./dev.sh setup   install the CPU build of torch (if missing), deps, build the extension
-#   ./dev.sh test    setup, then the test suite
+#   ./dev.sh test    setup, then the test suite and a one-shot run of every benchmark case
 #   ./dev.sh demo    setup, then convert ResNet-18: outputs match, measured speedup
 #   ./dev.sh bench   setup, then the layer benchmarks (table + benchmarks/results/)
 set -euo pipefail
@@ -25,6 +25,8 @@ case "${1:-test}" in
     test)
         setup
         DYNPRUNE_REQUIRE_NATIVE=1 "$PY" -m pytest tests -q "${@:2}"
+        # benchmark smoke: every case runs once, nothing is timed or written
+        "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
         ;;
     demo)
         setup

@@ -7,12 +7,10 @@ faster than dense on the ResNet-18 layers; batch 16, <= 1.3x static and >= 2x.
 The cases run in an order that puts the providers of one (layer, batch, keep)
 next to each other, so slow drift of a shared machine hits them alike.
 """
-import time
-
 import pytest
 import torch
 
-from dynprune.bench import LAYERS, layer_case
+from dynprune.bench import LAYERS, layer_case, rounds_for
 
 BATCHES = (1, 16)
 KEEPS = (0.75, 0.5, 0.25)
@@ -24,12 +22,6 @@ for _name, _c, _s in LAYERS:
             CASES += [(_name, _c, _s, _b, _k, p) for p in ("dynamic", "static", "masked")]
 
 
-def _rounds(fn, budget_s=0.4):
-    t0 = time.perf_counter()
-    fn()
-    return max(7, min(400, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
-
-
 @pytest.mark.parametrize("name,channels,size,batch,keep,provider", CASES,
                          ids=[f"{c[0]}-b{c[3]}-{c[5]}-{c[4]}" for c in CASES])
 def test_layer(benchmark, record, name, channels, size, batch, keep, provider):
@@ -37,5 +29,5 @@ def test_layer(benchmark, record, name, channels, size, batch, keep, provider):
     fn = layer_case(channels, size, batch, 0.5 if provider == "dense" else keep)[provider]
     with torch.no_grad():
         fn()  # warm-up outside the timer (primitive caches, scratch buffers)
-        benchmark.pedantic(fn, rounds=_rounds(fn), iterations=1, warmup_rounds=2)
+        benchmark.pedantic(fn, rounds=rounds_for(fn, 0.4, 7, 400), iterations=1, warmup_rounds=2)
     record((name, batch, provider, keep), benchmark)

@@ -7,12 +7,10 @@ The bar (batch 1): ~50% fewer MACs -> >= 1.8x over dense for ResNet-18 (224) and
 VGG-16, >= 1.5x for ResNet-20; ~75% fewer -> >= 3x for ResNet-18.
 """
 import functools
-import time
-
 import pytest
 import torch
 
-from dynprune.bench import MODEL_NAMES, REDUCTIONS, model_case
+from dynprune.bench import MODEL_NAMES, REDUCTIONS, model_case, rounds_for
 
 BATCHES = (1, 16)
 PROVIDERS = [("dense", 0.0), ("dense_pool", 0.0)] + [
@@ -25,12 +23,6 @@ def _case(name, batch):
     return model_case(name, batch)
 
 
-def _rounds(fn, budget_s=1.0):
-    t0 = time.perf_counter()
-    fn()
-    return max(5, min(200, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
-
-
 @pytest.mark.parametrize("name,batch,provider,reduction", CASES,
                          ids=[f"{c[0]}-b{c[1]}-{c[2]}-{c[3]}" for c in CASES])
 def test_model(benchmark, record_model, name, batch, provider, reduction):
@@ -39,5 +31,5 @@ def test_model(benchmark, record_model, name, batch, provider, reduction):
     fn = case[provider] if provider.startswith("dense") else case[(provider, reduction)]
     with torch.no_grad():
         fn()
-        benchmark.pedantic(fn, rounds=_rounds(fn), iterations=1, warmup_rounds=1)
+        benchmark.pedantic(fn, rounds=rounds_for(fn, 1.0, 5, 200), iterations=1, warmup_rounds=1)
     record_model((name, batch, provider, reduction), benchmark, case["rows"])

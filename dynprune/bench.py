@@ -62,13 +62,19 @@ def layer_case(channels: int, size: int, batch: int, keep: float,
     }
 
 
-def median_time(fn: Callable[[], object], budget_s: float = 0.3, min_rounds: int = 5) -> float:
-    """Median wall time of ``fn`` in seconds (after warm-up)."""
-    fn()
+def rounds_for(fn: Callable[[], object], budget_s: float, min_rounds: int = 5,
+               max_rounds: int = 500) -> int:
+    """How many timed calls of ``fn`` fit in ``budget_s`` (one call is timed)."""
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-6)
-    rounds = max(min_rounds, min(500, int(budget_s / once)))
+    return max(min_rounds, min(max_rounds, int(budget_s / once)))
+
+
+def median_time(fn: Callable[[], object], budget_s: float = 0.3, min_rounds: int = 5) -> float:
+    """Median wall time of ``fn`` in seconds (after warm-up)."""
+    fn()
+    rounds = rounds_for(fn, budget_s, min_rounds)
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
