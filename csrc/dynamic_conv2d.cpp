@@ -65,9 +65,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
     at::Tensor xg = x;  // channels outside in_idx are zero for the gate too
     if (in_idx.has_value()) {
       check_index_values(*in_idx, "in_idx", g.Cin);
-      at::Tensor mask = at::zeros({g.N, g.Cin}, x.options());
-      mask.scatter_(1, in_idx->to(at::kLong), 1.0);
-      xg = x * mask.view({g.N, g.Cin, 1, 1});
+      at::Tensor mask = at::zeros({g.N, g.Cin}, x.options().dtype(at::kBool));
+      mask.scatter_(1, in_idx->to(at::kLong), true);
+      xg = at::where(mask.view({g.N, g.Cin, 1, 1}), x, at::zeros({}, x.options()));
     }
     auto [idx, scale] = channel_gate(xg, gate_weight, gate_bias, priority, k);
     at::Tensor y = gated_conv2d(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu);

@@ -59,6 +59,8 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "channel mismatch: x has ", x.size(1),
                     " input channels but weight expects ", weight.size(1),
                     " (grouped convolutions are not supported)");
+  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1,
+                    "kernel size must be positive, got ", weight.sizes().slice(2));
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                     "stride, padding and dilation must have 2 elements each");
   for (int d = 0; d < 2; ++d) {
@@ -127,8 +129,8 @@ void gated_conv2d_dense(const at::Tensor& x, const at::Tensor& weight,
   if (in_idx.has_value()) {
     const at::Tensor ii = in_idx->to(at::kLong);
     at::Tensor in_mask = at::zeros({g.N, g.Cin}, x.options().dtype(at::kBool));
-    in_mask.scatter_(1, ii, true);
-    xin = x * in_mask.view({g.N, g.Cin, 1, 1}).to(x.scalar_type());
+    in_mask.scatter_(1, ii, true);  // where(), not a multiply: NaN outside in_idx is zero too
+    xin = at::where(in_mask.view({g.N, g.Cin, 1, 1}), x, at::zeros({}, x.options()));
   }
   at::Tensor dense = at::conv2d(xin, weight, bias, stride, padding, dilation);
   at::Tensor full_scale = at::zeros({g.N, g.Cout}, x.options());

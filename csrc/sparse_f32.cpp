@@ -107,19 +107,25 @@ struct SamplePlan {
   std::vector<int64_t> in_off;      // in_ch * taps: offsets into a weight row
   std::vector<const float*> xs;     // wide-grid plane of each kept input channel
   std::vector<char> out_kept;       // [Cout]
-  std::vector<float> bias_scaled;   // [k] scale * bias
+  std::vector<float> bias_kept;     // [k] bias of each kept channel
 };
 
 // Top-k of one saliency row by (saliency desc, priority desc, index asc),
-// sorted ascending. NaN ranks first, as in torch.sort, so it is not dropped.
+// sorted ascending. NaN ranks above every number (as in torch.sort), in the
+// saliency and in the priority alike, so the reference picks the same channels.
+bool nan_greater(float a, float b) {  // a > b with NaN the largest value
+  if (std::isnan(a)) return !std::isnan(b);
+  return !std::isnan(b) && a > b;
+}
+
 void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
                 std::vector<int64_t>& order, int64_t* idx_out) {
-  auto key = [&](int64_t c) { return std::isnan(sal[c]) ? INFINITY : sal[c]; };
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-    const float ka = key(a), kb = key(b);
-    if (ka != kb) return ka > kb;
-    if (prio[a] != prio[b]) return prio[a] > prio[b];
+    if (nan_greater(sal[a], sal[b])) return true;
+    if (nan_greater(sal[b], sal[a])) return false;
+    if (nan_greater(prio[a], prio[b])) return true;
+    if (nan_greater(prio[b], prio[a])) return false;
     return a < b;
   });
   std::sort(order.begin(), order.begin() + k);
@@ -130,7 +136,7 @@ void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
 // buffer in L1/L2 while every output-channel tile sweeps it.
 int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, 288 / taps); }
 
-// Epilogue: y = act(scale * acc + scale * bias) at the valid (non-junk)
+// Epilogue: y = act(scale * (acc + bias)) at the valid (non-junk)
 // positions of block q0, for kept channels [j0, j1). Inlined into each
 // block_* so it is compiled for the same target.
 static inline __attribute__((always_inline)) void finish_block(
@@ -155,17 +161,17 @@ static inline __attribute__((always_inline)) void finish_block(
   for (int64_t j = j0; j < j1; ++j) {
     const float* acc = cbuf + (j - j0) * kQBlock;
     float* out = y_n + out_ch[j] * g.Ho * g.Wo;
-    const float sc = scale[j], sb = sp.bias_scaled[j];
+    const float sc = scale[j], bj = sp.bias_kept[j];
     for (int r = 0; r < runs; ++r) {
       const float* a = acc + lane[r];
       float* o = out + dst[r];
       if (relu) {
         for (int l = 0; l < len[r]; ++l) {
-          const float v = a[l] * sc + sb;
+          const float v = (a[l] + bj) * sc;  // the contract's order: scale * (conv + bias)
           o[l] = v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
         }
       } else {
-        for (int l = 0; l < len[r]; ++l) o[l] = a[l] * sc + sb;
+        for (int l = 0; l < len[r]; ++l) o[l] = (a[l] + bj) * sc;
       }
     }
   }
@@ -394,11 +400,10 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     sp.in_off.resize(sp.in_ch.size());
     for (size_t i = 0; i < sp.in_ch.size(); ++i) sp.in_off[i] = sp.in_ch[i] * taps;
     sp.out_kept.assign(Cout, 0);
-    sp.bias_scaled.resize(k);
+    sp.bias_kept.resize(k);
     for (int64_t j = 0; j < k; ++j) {
       sp.out_kept[idx[j]] = 1;
-      const float sc = os ? os[n * k + j] : 1.f;
-      sp.bias_scaled[j] = bp ? sc * bp[idx[j]] : 0.f;
+      sp.bias_kept[j] = bp ? bp[idx[j]] : 0.f;
     }
   };
   auto zero_row = [&](int64_t t) {  // A4: exact zeros in a pruned output row
@@ -409,13 +414,27 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // one thread: no barriers, and its copies stay in that core's cache.
   const bool per_sample = N >= T && (N % T == 0 || N >= 4 * T);
 
+  // Everything the region touches is allocated here: an exception (bad_alloc)
+  // inside an OpenMP region would terminate the process.
+  for (SamplePlan& sp : plans) {
+    sp.in_ch.reserve(Cin);
+    sp.xs.reserve(Cin);
+    sp.in_off.reserve(Cin);
+    sp.out_kept.reserve(Cout);
+    sp.bias_kept.reserve(k);
+  }
+  // Per thread: accumulators of one item (a part of the kept channels, or all
+  // of them) and the top-k work array.
+  const int64_t cbuf_floats = !compute ? 0 : per_sample ? jblocks * kJBlock * kQBlock : cbuf_len;
+  std::vector<std::vector<float>> cbufs(T, std::vector<float>(cbuf_floats));
+  std::vector<std::vector<int64_t>> orders(T, std::vector<int64_t>(gate ? Cout : 0));
+  const std::vector<float> ones(os ? 0 : k, 1.f);
+  const float* no_scale = ones.data();
+
 #pragma omp parallel num_threads(T)
   {
-    // Accumulators of one item: a part of the kept channels, or all of them.
-    std::vector<float> cbuf(!compute ? 0 : per_sample ? jblocks * kJBlock * kQBlock : cbuf_len);
-    std::vector<float> ones(os ? 0 : k, 1.f);
-    std::vector<int64_t> order(gate ? Cout : 0);
-    const float* no_scale = ones.data();
+    std::vector<float>& cbuf = cbufs[omp_get_thread_num()];
+    std::vector<int64_t>& order = orders[omp_get_thread_num()];
     if (per_sample) {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) {

@@ -41,9 +41,15 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
                     and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
                 pairs[src.target] = node.target
         return pairs
+    # Only plain nn.Sequential (a subclass may override forward), and only
+    # modules that appear once in the model (a shared one may be called twice).
+    counts: Dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        counts[id(mod)] = counts.get(id(mod), 0) + 1
     for name, mod in modules.items():
-        if isinstance(mod, nn.Sequential):
-            children = list(mod.named_children())
+        if type(mod) is nn.Sequential:
+            children = [(n, c) for n, c in mod.named_children() if counts[id(c)] == 1]
+            children = list(mod.named_children()) if len(children) == len(mod) else []
             for (cname, c), (bname, b) in zip(children, children[1:]):
                 if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                     prefix = f"{name}." if name else ""
@@ -81,9 +87,15 @@ def _fuse_relus(model: nn.Module) -> int:
     except Exception:
         return 0
     modules = dict(model.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     fused = 0
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), DynamicConv2d):
+            continue
+        if calls[node.target] != 1:  # a reused conv: fusing would change its other calls
             continue
         # Walk through nn.Identity (a fused BN leaves one): it returns its input.
         src, user = node, None

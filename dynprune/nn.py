@@ -193,7 +193,9 @@ class DynamicConv2d(nn.Conv2d):
         dicts (nn.Module.__getattr__ costs ~0.6 us a lookup), and the fold is
         cached while no gradient is recorded, keyed on the tensors themselves
         and their version counters (an optimizer step, load_state_dict or a new
-        Parameter all invalidate it).
+        Parameter all invalidate it; so do train() and a change of bn.eps).
+        Writes through ``.data`` bypass version counters: call
+        ``module.train(module.training)`` after them.
         """
         params, bn = self._parameters, self._modules.get("bn")
         if bn is None:
@@ -201,7 +203,7 @@ class DynamicConv2d(nn.Conv2d):
         tensors = (params["weight"], params["bias"], bn._parameters["weight"],
                    bn._parameters["bias"], bn._buffers["running_mean"], bn._buffers["running_var"])
         cacheable = not torch.is_grad_enabled()
-        versions = [t._version if t is not None else -1 for t in tensors]
+        versions = [t._version if t is not None else -1 for t in tensors] + [bn.eps]
         cache = self._fold_cache
         if (cacheable and cache is not None and cache[1] == versions
                 and all(a is b for a, b in zip(cache[0], tensors))):
@@ -252,6 +254,18 @@ class DynamicConv2d(nn.Conv2d):
         _mark(y, idx, relu)
         return y
 
+    def train(self, mode: bool = True) -> "DynamicConv2d":
+        # BatchNorm updates its running stats in place without bumping their
+        # version counters, so the eval fold cannot detect a training forward.
+        self._fold_cache = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        # A copy's tensors restart their version counters: never carry the fold.
+        state = self.__dict__.copy()
+        state["_fold_cache"] = None
+        return state
+
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """The differentiable training path: conv [-> BN] -> gate [-> ReLU].
 
@@ -261,6 +275,7 @@ class DynamicConv2d(nn.Conv2d):
         y = self._conv_forward(x, self.weight, self.bias)
         if self.bn is not None:
             y = self.bn(y)
+            self._fold_cache = None  # running stats may have moved (see train())
         saliency = self.gate.saliency(x)
         idx, _ = self.gate.select(saliency.detach(), self.k)
         mask = torch.zeros_like(saliency).scatter(1, idx, 1.0)
@@ -279,6 +294,8 @@ class DynamicConv2d(nn.Conv2d):
 # as in_idx, so the kernel reads only those channels; a dynprune ReLU returns
 # an already-ReLU'd tensor as is. Any in-place change (e.g. `out += identity`)
 # bumps the version and voids the mark, so a stale mark is never trusted.
+# (Writes through ``.data`` or a numpy view bypass version counters and are
+# not seen: activations must not be edited that way between layers.)
 
 
 _DYNAMIC_CONV2D = torch.ops.dynprune.dynamic_conv2d.default

@@ -91,6 +91,8 @@ def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, 
             f"channel mismatch: x has {x.shape[1]} input channels but weight expects "
             f"{weight.shape[1]} (grouped convolutions are not supported)"
         )
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"kernel size must be positive, got {tuple(weight.shape[2:])}")
     if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise ValueError("stride, padding and dilation must have 2 elements each")
     if min(stride) <= 0 or min(dilation) <= 0 or min(padding) < 0:
@@ -139,10 +141,10 @@ def gated_conv2d_reference(
     _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation)
     n, cout = x.shape[0], weight.shape[0]
     out_idx = out_idx.long()
-    if in_idx is not None:
-        in_mask = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device)
-        in_mask.scatter_(1, in_idx.long(), 1.0)
-        x = x * in_mask[:, :, None, None]
+    if in_idx is not None:  # where(), not a multiply: a NaN outside in_idx is still zero
+        in_mask = torch.zeros(n, x.shape[1], dtype=torch.bool, device=x.device)
+        in_mask.scatter_(1, in_idx.long(), True)
+        x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
     if out_scale is None:
         out_scale = torch.ones(out_idx.shape, dtype=x.dtype, device=x.device)
@@ -218,8 +220,9 @@ def dynamic_conv2d_reference(x, weight, bias, gate_weight, gate_bias, priority, 
     """
     if in_idx is not None:
         _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
-        in_mask = torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-        x = x * in_mask.scatter_(1, in_idx.long(), 1.0)[:, :, None, None]
+        in_mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        in_mask.scatter_(1, in_idx.long(), True)
+        x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     idx, scale = channel_gate_reference(x, gate_weight, gate_bias, priority, k)
     y = gated_conv2d_reference(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
     return y, idx, scale
