@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dynprune.models.resnet import BasicBlock
+from dynprune.models.resnet import init_convs, make_stages
 
 
 class CifarResNet(nn.Module):
@@ -20,19 +20,10 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        stages, inplanes = [], widths[0]
-        for i, planes in enumerate(widths):
-            blocks = []
-            for b in range(n):
-                blocks.append(BasicBlock(inplanes, planes, 2 if (i > 0 and b == 0) else 1))
-                inplanes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = make_stages(widths[0], widths, n)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fc = nn.Linear(widths[2], num_classes)
+        init_convs(self)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

@@ -23,6 +23,24 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+def make_stages(inplanes: int, widths, blocks: int) -> list:
+    """ResNet stages of ``blocks`` BasicBlocks; every stage but the first halves the map."""
+    stages = []
+    for i, planes in enumerate(widths):
+        stage = []
+        for b in range(blocks):
+            stage.append(BasicBlock(inplanes, planes, 2 if (i > 0 and b == 0) else 1))
+            inplanes = planes
+        stages.append(nn.Sequential(*stage))
+    return stages
+
+
+def init_convs(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class ResNet18(nn.Module):
     """ResNet-18; ``width`` scales every channel count (a statically thinner net)."""
 
@@ -33,18 +51,10 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(c[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers, inplanes = [], c[0]
-        for i, planes in enumerate(c):
-            stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride),
-                                        BasicBlock(planes, planes)))
-            inplanes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.layer1, self.layer2, self.layer3, self.layer4 = make_stages(c[0], c, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fc = nn.Linear(c[3], num_classes)
+        init_convs(self)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
