@@ -30,5 +30,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     package_dir={"dynprune": "dynprune", "dynprune.kernels": "kernels"},
-    packages=["dynprune", "dynprune.kernels", "dynprune.models"],
+    packages=["dynprune", "dynprune.kernels", "dynprune.models", "dynprune.fl"],
 )
