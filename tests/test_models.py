@@ -29,3 +29,19 @@ def test_width_scales_channels(name):
     full = dynprune.flops(make(num_classes=classes), torch.randn(1, *shape)).dense_macs
     half = dynprune.flops(make(num_classes=classes, width=0.5), torch.randn(1, *shape)).dense_macs
     assert 0.2 < half / full < 0.35  # ~1/4: both channel counts halve
+
+
+def test_fashion_cnn_converts_and_skips_work():
+    from dynprune.models import fashion_cnn
+
+    model = fashion_cnn().eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        dense = dynprune.flops(model, x).dense_macs
+        assert 60e6 < dense < 80e6  # ~72 M MACs: compute dominates at batch 1
+    conv = dynprune.convert(model, keep_ratio=1.0).eval()
+    with torch.no_grad():
+        assert ((conv(x) - ref).abs().max() / ref.abs().max()).item() < 1e-4
+        half = dynprune.convert(fashion_cnn(), keep_ratio=0.5).eval()
+        assert dynprune.flops(half, x).ratio < 0.4

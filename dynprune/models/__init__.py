@@ -4,6 +4,7 @@ Each takes ``width`` to scale all channel counts: the statically pruned model
 with the same channel counts that benchmarks compare against.
 """
 from dynprune.models.cifar import CifarResNet, VGG, resnet20, resnet56, vgg16
+from dynprune.models.fashion import FashionCNN, fashion_cnn
 from dynprune.models.resnet import ResNet18, resnet18
 
 MODELS = {
@@ -13,4 +14,5 @@ MODELS = {
     "vgg16": (vgg16, (3, 32, 32), 10),
 }
 
-__all__ = ["CifarResNet", "MODELS", "ResNet18", "VGG", "resnet18", "resnet20", "resnet56", "vgg16"]
+__all__ = ["CifarResNet", "FashionCNN", "MODELS", "ResNet18", "VGG", "fashion_cnn", "resnet18",
+           "resnet20", "resnet56", "vgg16"]
