@@ -89,3 +89,14 @@ def test_cifar10_round_trip_and_corruption(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="data_batch_3"):
         load_cifar10(str(tmp_path))
+
+
+def test_digits_default_and_dispatch():
+    from dynprune.fl import load_dataset
+
+    ds = load_dataset("digits")
+    assert ds.x_train.shape[1:] == (1, 8, 8) and len(ds.y_train) + len(ds.y_test) == 1797
+    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    assert set(ds.y_test.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet")

@@ -64,3 +64,21 @@ def test_rounds_are_deterministic_and_sampling_is_seeded():
     assert sample_clients(10, 0.01, np.random.default_rng(0)) != []
     with pytest.raises(ValueError, match="fraction"):
         sample_clients(10, 0.0, np.random.default_rng(0))
+
+
+def test_fedavg_learns_digits_on_iid_clients():
+    from dynprune.fl import load_digits, partition
+    from dynprune.models import fashion_cnn
+
+    torch.manual_seed(0)
+    ds = load_digits()
+    splits = partition(ds.y_train, 4, "iid", seed=0)
+    data = [(ds.x_train[s.train], ds.y_train[s.train]) for s in splits]
+    model, rng = fashion_cnn(width=0.25), np.random.default_rng(0)
+    for r in range(4):
+        fedavg_round(model, data, sample_clients(4, 1.0, rng), epochs=1, lr=0.05, batch_size=32,
+                     seed=r)
+    model.eval()
+    with torch.no_grad():
+        acc = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
+    assert acc > 0.6  # chance is 0.1

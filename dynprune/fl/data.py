@@ -4,6 +4,8 @@
   ``--data-dir``, ``$DYNPRUNE_DATA`` or Debian's dataset-fashion-mnist
   (/usr/share/datasets/fashion-mnist).
 * CIFAR-10: the python pickle batches (``data_batch_1..5``, ``test_batch``).
+* digits: scikit-learn's bundled 8x8 digits (1797 images, no download), the
+  tiny default for tests.
 
 Every loader returns a :class:`Dataset` of float32 images in [0, 1], shaped
 [N, C, H, W], with int64 labels. Missing, truncated or corrupt files raise
@@ -22,7 +24,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "DatasetError", "load_idx", "load_mnist_like", "load_cifar10"]
+__all__ = ["Dataset", "DatasetError", "load_cifar10", "load_dataset", "load_digits", "load_idx",
+           "load_mnist_like"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 HINTS = {
@@ -134,6 +137,32 @@ def load_cifar10(data_dir: Optional[str] = None) -> Dataset:
             return Dataset("cifar10", _images(xtr), _labels(ytr), _images(batches[5][0]),
                            _labels(batches[5][1]), 10)
     raise DatasetError(_missing("cifar10", tried, ", ".join(names)))
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (values 0..16), split into train/test."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as exc:
+        raise DatasetError("the digits dataset needs scikit-learn: pip install scikit-learn") from exc
+    d = sk_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    y = torch.from_numpy(d.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10)
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
+    """By name: "fashion-mnist", "mnist", "cifar10" or "digits"."""
+    if name in ("fashion-mnist", "mnist"):
+        return load_mnist_like(name, data_dir)
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    if name == "digits":
+        return load_digits()
+    raise ValueError(f"unknown dataset {name!r}: choose fashion-mnist, mnist, cifar10 or digits")
 
 
 def _cifar_batch(path: Path):
