@@ -174,7 +174,7 @@ def model_case(name: str, batch: int, reductions=REDUCTIONS, seed: int = 0) -> d
     for red in reductions:
         def executed(keep):
             return flops(convert(_clone(dense), keep_ratio=keep), probe).ratio
-        keep = round(_bisect(lambda k: executed(k), 1 - red, 0.05, 1.0, 10), 3)
+        keep = round(_bisect(executed, 1 - red, 0.05, 1.0, 10), 3)
         dyn = convert(_clone(dense), keep_ratio=keep).eval()
         dyn_ratio = flops(dyn, probe).ratio
 

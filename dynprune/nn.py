@@ -27,8 +27,8 @@ __all__ = ["ChannelGate", "DynamicConv2d", "MaxPool2d", "ReLU", "saliency_loss"]
 class ChannelGate(nn.Module):
     """Per-sample channel saliency and top-k selection.
 
-    ``saliency = relu(fc(mean_hw(x)))`` (in float64, rounded once). The gate starts neutral: ``fc`` has zero
-    weight and unit bias, so every saliency is exactly 1 (keep_ratio=1 then
+    ``saliency = relu(fc(mean_hw(x)))`` (in float64, rounded once). The gate
+    starts neutral: ``fc`` has zero weight and unit bias, so every saliency is exactly 1 (keep_ratio=1 then
     reproduces the dense layer). Ties are broken by ``priority`` (higher first;
     filter norms when made by :meth:`DynamicConv2d.from_conv`), so an untrained
     gate keeps the channels with the largest filters.
@@ -243,15 +243,18 @@ class DynamicConv2d(nn.Conv2d):
                                 self.dilation, relu)
         # One native call: gate + gated conv. When x is the untouched output of
         # another DynamicConv2d, its kept channels are our input channel list.
-        args = (x, weight, bias, gate_w, gate_b, priority, self.k, _kept_channels(x),
+        # Marks are Python attributes on tensors: not while torch.compile traces.
+        compiling = torch.compiler.is_compiling()
+        in_idx = None if compiling else _kept_channels(x)
+        args = (x, weight, bias, gate_w, gate_b, priority, self.k, in_idx,
                 self.stride, padding, self.dilation, relu)
         keys = _BACKEND_KEYS.get(x.device.type)
-        if (keys is None or torch.is_grad_enabled() or type(x) is not torch.Tensor
-                or torch.compiler.is_compiling()):
+        if keys is None or compiling or torch.is_grad_enabled() or type(x) is not torch.Tensor:
             y, idx, _ = _DYNAMIC_CONV2D(*args)
         else:  # no autograd wanted: skip the (Python) autograd kernel, ~9 us a call
             y, idx, _ = _DYNAMIC_CONV2D.redispatch(keys, *args)
-        _mark(y, idx, relu)
+        if not compiling:
+            _mark(y, idx, relu)
         return y
 
     def train(self, mode: bool = True) -> "DynamicConv2d":
@@ -306,7 +309,7 @@ _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
 def _mark(y: torch.Tensor, idx: torch.Tensor, relu: bool) -> None:
     # Inference tensors have no version counter, so an in-place change could
     # not be detected: they are never marked (the chain then re-detects).
-    if not y.is_inference() and not torch.compiler.is_compiling():
+    if not y.is_inference():
         y._dynprune_mark = (idx, y._version, relu)
 
 
@@ -318,8 +321,6 @@ def _valid_mark(x: torch.Tensor):
 
 
 def _kept_channels(x: torch.Tensor) -> Optional[torch.Tensor]:
-    if torch.compiler.is_compiling():
-        return None
     mark = _valid_mark(x)
     return mark[0] if mark is not None else None
 

@@ -45,7 +45,7 @@ _lib.define(
     "bool relu) -> (Tensor, Tensor, Tensor)"
 )
 
-_BACKENDS = {"reference": True, "cpu": "reference", "cuda": "reference"}
+_BACKENDS = {"cpu": "reference", "cuda": "reference"}
 
 
 def _load_native() -> Optional[str]:
@@ -353,7 +353,7 @@ def gated_conv2d(
 
 def backends() -> dict:
     """Which implementation serves each device: ``{'cpu': 'native'|'reference', ...}``."""
-    info = {k: v for k, v in _BACKENDS.items() if k != "reference"}
+    info = dict(_BACKENDS)
     if _native_error is not None:
         info["cpu_error"] = _native_error
     return info
