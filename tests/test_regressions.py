@@ -119,3 +119,25 @@ def test_epilogue_applies_scale_after_bias():
     w, b = torch.full((1, 1, 1, 1), 1e30), torch.tensor([-1e30])
     args = (w, b, torch.tensor([[0]]), torch.tensor([[1e10]]), None, (1, 1), (0, 0), (1, 1), False)
     assert dynprune.gated_conv2d(x, *args).item() == dynprune.gated_conv2d_reference(x, *args).item()
+
+
+@pytest.mark.parametrize("k", [13, 30])
+@pytest.mark.parametrize("seed", range(4))
+def test_gate_ties_rank_like_the_reference(seed, k):
+    # Many equal saliencies (ReLU zeros, -0.0 next to +0.0) and equal
+    # priorities: the kernel's integer keys must break ties like the reference
+    # (saliency, then priority, then the lower index).
+    gen = torch.Generator().manual_seed(seed)
+    C, Cout = 6, 40
+    x = torch.randn(3, C, 4, 4, generator=gen)
+    gw = torch.zeros(Cout, C)
+    gb = torch.randint(-2, 3, (Cout,), generator=gen).float()
+    gb[gb == 0] = torch.tensor(-0.0) if seed % 2 else 0.0
+    gb[::7] = -0.0
+    prio = torch.randint(0, 3, (Cout,), generator=gen).float()
+    prio[::5] = -0.0
+    w = torch.randn(Cout, C, 3, 3, generator=gen)
+    _, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, w, None, gw, gb, prio, k, None, [1, 1],
+                                                 [1, 1], [1, 1], False)
+    ref_idx, _ = channel_gate_reference(x, gw, gb, prio, k)
+    assert torch.equal(idx, ref_idx)
