@@ -14,7 +14,7 @@ setup() {
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==${DYNPRUNE_TORCH_VERSION:-2.13.0}"
     fi
-    "$PY" -m pip install -q numpy ninja tqdm scikit-learn pytest pytest-benchmark
+    "$PY" -m pip install -q numpy ninja tqdm scikit-learn matplotlib pytest pytest-benchmark
     "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     "$PY" -c "import dynprune; b = dynprune.backends(); print('dynprune backends:', b); \
 assert b['cpu'] == 'native', 'native CPU kernels failed to load'"

@@ -11,13 +11,14 @@ class CifarResNet(nn.Module):
     """He et al. CIFAR ResNet: 3 stages of n basic blocks (16/32/64 channels, scaled by
     ``width``); downsampling shortcuts are 1x1 conv + BN (option B)."""
 
-    def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0,
+                 in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         widths = [max(1, round(c * width)) for c in (16, 32, 64)]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.layer1, self.layer2, self.layer3 = make_stages(widths[0], widths, n)
@@ -31,8 +32,8 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet20(num_classes: int = 10, width: float = 1.0) -> CifarResNet:
-    return CifarResNet(20, num_classes, width)
+def resnet20(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(20, num_classes, width, in_channels)
 
 
 def resnet56(num_classes: int = 10, width: float = 1.0) -> CifarResNet:

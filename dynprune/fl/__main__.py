@@ -1,0 +1,5 @@
+import sys
+
+from dynprune.fl.cli import main
+
+sys.exit(main())
