@@ -2,7 +2,8 @@
 # dynprune developer entry point.
 #   ./dev.sh setup   install the CPU build of torch (if missing), deps, build the extension
 #   ./dev.sh test    setup, then the test suite and a one-shot run of every benchmark case
-#   ./dev.sh demo    setup, then convert ResNet-18: outputs match, measured speedup
+#   ./dev.sh demo    setup, then convert ResNet-18 (outputs match, measured speedup),
+#                    then the default FL experiment (table in fl-results/, ~3 min)
 #   ./dev.sh bench   setup, then the layer benchmarks (table + benchmarks/results/)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,7 +15,7 @@ setup() {
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==${DYNPRUNE_TORCH_VERSION:-2.13.0}"
     fi
-    "$PY" -m pip install -q numpy ninja tqdm scikit-learn matplotlib pytest pytest-benchmark
+    "$PY" -m pip install -q numpy ninja tqdm scikit-learn matplotlib triton pytest pytest-benchmark
     "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     "$PY" -c "import dynprune; b = dynprune.backends(); print('dynprune backends:', b); \
 assert b['cpu'] == 'native', 'native CPU kernels failed to load'"
@@ -31,6 +32,14 @@ case "${1:-test}" in
     demo)
         setup
         "$PY" -m dynprune.bench demo
+        # Fashion-MNIST from Debian when we can install it; else the FL run says
+        # so and uses scikit-learn's bundled digits.
+        if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] \
+                && command -v apt-get >/dev/null; then
+            (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+                || echo "could not install dataset-fashion-mnist; the FL demo uses digits"
+        fi
+        "$PY" -m dynprune.fl --out fl-results --overwrite
         ;;
     bench)
         setup

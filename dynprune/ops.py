@@ -12,13 +12,16 @@ Backends:
     semantics and is the test oracle; it saves no work.
   * ``cpu``: the native kernel from ``csrc/`` (float32 skips pruned channels;
     other dtypes run the reference formula in ATen).
-  * CUDA: the reference until the Triton kernel lands.
+  * ``cuda``: the Triton kernel of ``kernels/gated_conv.py`` (float32 as TF32,
+    float16, bfloat16; other dtypes the reference) when triton imports, else
+    the reference.
 A fake (meta) implementation makes the op traceable by torch.compile/export,
 and an autograd formula (recomputing the reference) keeps gradients correct
 when the op is called on tensors that require grad.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional, Sequence
 
@@ -60,14 +63,14 @@ def _load_native() -> Optional[str]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_index(idx: torch.Tensor, name: str, n: int, limit: int) -> None:
+def _check_index(idx: torch.Tensor, name: str, n: int, limit: int, values: bool = True) -> None:
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dtype.is_complex:
         raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
     if idx.dim() != 2 or idx.shape[0] != n:
         raise ValueError(f"{name} must have shape [N={n}, k], got {list(idx.shape)}")
     if idx.shape[1] > limit:
         raise ValueError(f"{name} lists {idx.shape[1]} channels but only {limit} exist")
-    if idx.numel() == 0:
+    if idx.numel() == 0 or not values:
         return
     if int(idx.min()) < 0 or int(idx.max()) >= limit:
         raise ValueError(f"{name} holds values out of range [0, {limit})")
@@ -75,8 +78,12 @@ def _check_index(idx: torch.Tensor, name: str, n: int, limit: int) -> None:
         raise ValueError(f"{name} rows must be sorted ascending without duplicates")
 
 
-def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation):
-    """The same checks as the native kernel, so every backend fails alike."""
+def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                  values: bool = True):
+    """The same checks as the native kernel, so every backend fails alike.
+
+    ``values=False`` skips reading index values (a host synchronisation on
+    CUDA); shapes, dtypes and devices are always checked."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, Cin, H, W], got {x.dim()}-D")
     if weight.dim() != 4:
@@ -109,14 +116,14 @@ def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, 
     cout = weight.shape[0]
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != cout):
         raise ValueError(f"bias must have shape [{cout}], got {list(bias.shape)}")
-    _check_index(out_idx, "out_idx", x.shape[0], cout)
+    _check_index(out_idx, "out_idx", x.shape[0], cout, values)
     if out_scale is not None and out_scale.shape != out_idx.shape:
         raise ValueError(
             f"out_scale must have the shape of out_idx {list(out_idx.shape)}, "
             f"got {list(out_scale.shape)}"
         )
     if in_idx is not None:
-        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
+        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1], values)
     for t in (weight, bias, out_idx, out_scale, in_idx):
         if t is not None and t.device != x.device:
             raise ValueError(f"all tensors must be on {x.device}, got one on {t.device}")
@@ -253,6 +260,82 @@ for _name, _ref in _REFERENCES.items():
     _lib.impl(_name, _ref, "CUDA")
 
 
+# --------------------------------------------------------------------------- CUDA (Triton)
+#
+# Index *values* are not checked on CUDA by default: reading them would
+# synchronise with the host on every call. The kernel clamps every index it
+# loads, so malformed lists give wrong numbers, never a memory fault. Set
+# DYNPRUNE_CHECK_INDICES=1 to check them (a sync per call).
+
+
+def _check_values() -> bool:
+    return os.environ.get("DYNPRUNE_CHECK_INDICES", "0") == "1"
+
+
+def _triton_gated(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation, relu):
+    from dynprune.kernels.gated_conv import SUPPORTED_DTYPES, gated_conv2d_triton
+    if x.dtype not in SUPPORTED_DTYPES:
+        return gated_conv2d_reference(x, weight, bias, out_idx, out_scale, in_idx, stride,
+                                      padding, dilation, relu)
+    _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                  values=_check_values())
+    return gated_conv2d_triton(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
+                               dilation, relu)
+
+
+def _triton_gated_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                      relu, *, out):
+    from dynprune.kernels.gated_conv import SUPPORTED_DTYPES, gated_conv2d_triton
+    if x.dtype not in SUPPORTED_DTYPES:
+        return _reference_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
+                              dilation, relu, out=out)
+    _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                  values=_check_values())
+    shape = _conv_out_shape(x, weight, stride, padding, dilation)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {list(shape)}, got {list(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but out is {out.dtype}")
+    return gated_conv2d_triton(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
+                               dilation, relu, out=out)
+
+
+def _triton_dynamic(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx, stride,
+                    padding, dilation, relu):
+    from dynprune.kernels.gated_conv import SUPPORTED_DTYPES, dynamic_conv2d_triton
+    if x.dtype not in SUPPORTED_DTYPES:
+        return dynamic_conv2d_reference(x, weight, bias, gate_weight, gate_bias, priority, k,
+                                        in_idx, stride, padding, dilation, relu)
+    _check_gate(x, gate_weight, gate_bias, priority, k)
+    if in_idx is not None:
+        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1], _check_values())
+    return dynamic_conv2d_triton(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
+                                 stride, padding, dilation, relu)
+
+
+def _register_triton() -> Optional[str]:
+    """Make the Triton kernels the CUDA implementation. Returns the failure reason."""
+    try:
+        import dynprune.kernels.gated_conv  # noqa: F401  (imports triton)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    _lib.impl("gated_conv2d", _triton_gated, "CUDA", allow_override=True)
+    _lib.impl("gated_conv2d.out", _triton_gated_out, "CUDA", allow_override=True)
+    _lib.impl("dynamic_conv2d", _triton_dynamic, "CUDA", allow_override=True)
+    return None
+
+
+_cuda_error = None
+if torch.cuda.is_available():  # importing triton costs time: only where it can run
+    _cuda_error = _register_triton()
+    if _cuda_error is None:
+        _BACKENDS["cuda"] = "triton"
+    else:
+        warnings.warn(f"dynprune: Triton kernels unavailable ({_cuda_error}); CUDA tensors use "
+                      "the pure-PyTorch reference op (correct, not faster).", RuntimeWarning,
+                      stacklevel=2)
+
+
 def _conv_out_shape(x, weight, stride, padding, dilation):
     h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
@@ -356,4 +439,6 @@ def backends() -> dict:
     info = dict(_BACKENDS)
     if _native_error is not None:
         info["cpu_error"] = _native_error
+    if _cuda_error is not None:
+        info["cuda_error"] = _cuda_error
     return info

@@ -1,5 +1,7 @@
 """Triton GPU kernels, installed as ``dynprune.kernels``.
 
-Empty until the GPU backend lands: on CUDA tensors ``dynprune::gated_conv2d``
-currently runs the pure-PyTorch reference. Triton is optional on the CPU.
+``gated_conv.py``: the CUDA implementation of ``dynprune::gated_conv2d`` and
+``dynprune::dynamic_conv2d`` (registered by ``dynprune.ops`` when a GPU is
+present and triton imports). Importing this package does not import triton;
+``dynprune.kernels.gated_conv`` does.
 """

@@ -95,6 +95,8 @@ def test_resume_continues_to_the_same_result(tmp_path, full_run):
     cfg = tiny()
     with pytest.raises(Interrupted):
         run(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=5)  # mid 'static'
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg, tmp_path, progress=False, log=lambda s: None)
     with pytest.raises(Interrupted):  # once more, now inside 'dynamic'
         run(cfg, tmp_path, resume=True, progress=False, log=lambda s: None, stop_after=2)
     resumed = run(cfg, tmp_path, resume=True, progress=False, log=lambda s: None)
@@ -143,6 +145,10 @@ def test_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     assert "b. static L1 pruning" in capsys.readouterr().out
     assert cli_main(["--out", str(tmp_path), "--resume", "--seed", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # A finished run is never overwritten by accident.
+    assert cli_main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(args + ["--overwrite"]) == 0
     assert cli_main(["--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o")]) == 2
     assert "mnist" in capsys.readouterr().err

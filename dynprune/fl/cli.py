@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fl-results", help="output folder (default: fl-results)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds a previous run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -74,8 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads is not None:
             import torch
             torch.set_num_threads(args.threads)
-        run(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, DatasetError) as err:
+        run(cfg, out, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, DatasetError) as err:
         print(f"dynprune-fl: error: {err}", file=sys.stderr)
         return 2
     return 0

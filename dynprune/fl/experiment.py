@@ -213,20 +213,26 @@ def load_config(out: Path) -> Config:
 
 # ---------------------------------------------------------------------------- the run
 
-def run(cfg: Config, out: Path, *, resume: bool = False, progress: bool = True,
-        stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, stop_after: Optional[int] = None,
+        log: Callable[[str], None] = print) -> dict:
     """Train every stage, checkpointing after each round, then measure and report.
 
     Returns the report (see :mod:`dynprune.fl.report`), also written to ``out``.
-    ``stop_after=n`` raises :class:`Interrupted` once n rounds ran in this call.
+    A folder that holds a checkpoint is continued (``resume``) or, only with
+    ``overwrite``, started over. ``stop_after=n`` raises :class:`Interrupted`
+    once n rounds ran in this call.
     """
     from tqdm.auto import tqdm
 
     from dynprune.fl.report import write_report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{out} holds a previous run (checkpoint.pt): continue it with "
+                              "--resume, start over with --overwrite, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
     prep = prepare_data(cfg)
     log(prep.note)
     log(f"{cfg.clients} clients, partition {cfg.partition}"

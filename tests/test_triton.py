@@ -1,0 +1,151 @@
+"""The Triton gated convolution against the reference op.
+
+Without a GPU (CI) these run under Triton's CPU interpreter (TRITON_INTERPRET=1,
+set in conftest.py): the same kernel source, the same index handling and
+masks, executed with numpy. Tolerances per dtype, relative to max |reference|
+computed in float64 from the same rounded inputs:
+  float32 -> TF32 tensor cores on a GPU: 1e-3 (the interpreter is exact to ~1e-6)
+  float16 -> 1e-2, bfloat16 -> 2e-2 (products rounded to the storage type's
+  precision, sums in float32).
+"""
+import random
+
+import pytest
+import torch
+
+from conftest import max_rel_err
+from dynprune.kernels.gated_conv import (active_channels, dynamic_conv2d_triton,
+                                         gated_conv2d_triton)
+from dynprune.ops import dynamic_conv2d_reference, gated_conv2d_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def random_case(rng: random.Random, gen: torch.Generator, dtype):
+    n = rng.choice([1, 2, 3])
+    cin, cout = rng.randint(1, 20), rng.randint(1, 24)
+    kh, kw = rng.choice([(1, 1), (3, 3), (5, 5), (3, 1)])
+    sh, sw = rng.choice([1, 2]), rng.choice([1, 2])
+    dh, dw = rng.choice([1, 2]), rng.choice([1, 2])
+    ph, pw = rng.randint(0, kh // 2 * dh), rng.randint(0, kw // 2 * dw)
+    h = rng.randint(max(1, dh * (kh - 1) + 1 - 2 * ph), 11)
+    w = rng.randint(max(1, dw * (kw - 1) + 1 - 2 * pw), 11)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    for i in range(n):  # random zero input channels per sample
+        x[i, torch.randperm(cin, generator=gen)[:rng.randint(0, cin)]] = 0
+    weight = torch.randn(cout, cin, kh, kw, generator=gen) / (cin * kh * kw) ** 0.5
+    bias = torch.randn(cout, generator=gen) if rng.random() < 0.7 else None
+    k = rng.randint(1, cout)
+    out_idx = torch.stack([torch.randperm(cout, generator=gen)[:k].sort().values for _ in range(n)])
+    out_scale = torch.rand(n, k, generator=gen) + 0.5 if rng.random() < 0.7 else None
+    in_idx = None
+    if rng.random() < 0.4:  # given input lists (the chaining case)
+        kin = rng.randint(1, cin)
+        in_idx = torch.stack([torch.randperm(cin, generator=gen)[:kin].sort().values
+                              for _ in range(n)])
+    args = [x, weight, bias, out_idx, out_scale, in_idx]
+    cast = [t.to(DEVICE, dtype) if t is not None and t.is_floating_point() else
+            (t.to(DEVICE) if t is not None else None) for t in args]
+    geo = ((sh, sw), (ph, pw), (dh, dw), rng.random() < 0.5)
+    return cast, geo
+
+
+def reference64(args, geo):
+    x, weight, bias, out_idx, out_scale, in_idx = args
+    d = [t.double() if t is not None and t.is_floating_point() else t for t in args]
+    return gated_conv2d_reference(*d, *geo)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(12))
+def test_triton_matches_reference_on_random_cases(seed, dtype):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(1000 + seed)
+    args, geo = random_case(rng, gen, dtype)
+    ref = reference64(args, geo)
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+    y = gated_conv2d_triton(*args, *geo, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y).any(), "an output element was not written"
+    assert max_rel_err(y, ref) < TOL[dtype], (seed, dtype, [t.shape if t is not None else None
+                                                           for t in args], geo)
+    # pruned channels are exact zeros
+    kept = torch.zeros(ref.shape[:2], dtype=torch.bool, device=DEVICE).scatter(1, args[3], True)
+    assert (y[~kept] == 0).all()
+    # the allocating variant agrees
+    assert torch.equal(gated_conv2d_triton(*args, *geo), y)
+
+
+def test_active_channels_are_found_on_the_device_in_order():
+    x = torch.randn(3, 6, 4, 4)
+    x[0, [1, 4]] = 0
+    x[1] = 0
+    x[2, 3] = 0
+    x[2, 3, 1, 1] = float("nan")  # NaN counts as non-zero
+    lists, counts = active_channels(x, None)
+    assert counts.tolist() == [4, 0, 6]
+    assert lists[0, :4].tolist() == [0, 2, 3, 5]
+    assert lists[2].tolist() == [0, 1, 2, 3, 4, 5]
+    given = torch.tensor([[1, 2], [0, 5], [3, 4]])
+    lists, counts = active_channels(x, given)
+    assert torch.equal(lists.long(), given) and counts.tolist() == [2, 2, 2]
+
+
+def test_all_zero_input_gives_bias_only_outputs():
+    x = torch.zeros(2, 5, 6, 6, device=DEVICE)
+    w = torch.randn(7, 5, 3, 3, device=DEVICE)
+    b = torch.randn(7, device=DEVICE)
+    idx = torch.tensor([[0, 3], [2, 6]], device=DEVICE)
+    y = gated_conv2d_triton(x, w, b, idx, None, None, (1, 1), (1, 1), (1, 1), False)
+    ref = gated_conv2d_reference(x, w, b, idx, None, None, (1, 1), (1, 1), (1, 1), False)
+    assert torch.allclose(y, ref)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_triton_dynamic_conv2d_picks_the_reference_channels(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 8, 7, 7, generator=gen)
+    x[1, 2] = 0
+    w = torch.randn(10, 8, 3, 3, generator=gen) / 8
+    gw, gb = torch.randn(10, 8, generator=gen), torch.randn(10, generator=gen)
+    prio = torch.rand(10, generator=gen)
+    in_idx = torch.tensor([[0, 1, 2, 5], [1, 3, 4, 7], [0, 2, 4, 6]]) if seed == 2 else None
+    y, idx, scale = dynamic_conv2d_triton(x, w, None, gw, gb, prio, 4, in_idx, (1, 1), (1, 1),
+                                          (1, 1), True)
+    ref_idx, ref_scale = dynamic_conv2d_reference(x, w, None, gw, gb, prio, 4, in_idx, (1, 1),
+                                                  (1, 1), (1, 1), True)[1:]
+    assert torch.equal(idx, ref_idx) and torch.equal(scale, ref_scale)
+    ry = gated_conv2d_reference(x.double(), w.double(), None, ref_idx, ref_scale.double(), in_idx,
+                                (1, 1), (1, 1), (1, 1), True)
+    assert max_rel_err(y, ry) < TOL[torch.float32]
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="supports"):
+        gated_conv2d_triton(x, torch.randn(2, 2, 3, 3, dtype=torch.float64), None,
+                            torch.tensor([[0]]), None, None, (1, 1), (1, 1), (1, 1), False)
+
+
+def test_cuda_entry_points_validate_and_route_dtypes():
+    # The functions registered for CUDA, called here on the interpreter's tensors.
+    from dynprune import ops
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    idx = torch.tensor([[0, 2], [1, 5]], device=DEVICE)
+    geo = ([1, 1], [1, 1], [1, 1], False)
+    ref = gated_conv2d_reference(x, w, None, idx, None, None, *geo)
+    assert max_rel_err(ops._triton_gated(x, w, None, idx, None, None, *geo), ref) < 1e-3
+    out = torch.full_like(ref, float("nan"))
+    ops._triton_gated_out(x, w, None, idx, None, None, *geo, out=out)
+    assert max_rel_err(out, ref) < 1e-3
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops._triton_gated_out(x, w, None, idx, None, None, *geo, out=out[:, :3])
+    with pytest.raises(ValueError, match="channel mismatch"):
+        ops._triton_gated(x[:, :3], w, None, idx, None, None, *geo)
+    with pytest.raises(ValueError, match="out_idx must have shape"):
+        ops._triton_gated(x, w, None, idx[:1], None, None, *geo)
+    # float64 has no Triton path: the reference serves it, exactly
+    y64 = ops._triton_gated(x.double(), w.double(), None, idx, None, None, *geo)
+    assert torch.equal(y64, gated_conv2d_reference(x.double(), w.double(), None, idx, None,
+                                                   None, *geo))
