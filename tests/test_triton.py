@@ -149,3 +149,22 @@ def test_cuda_entry_points_validate_and_route_dtypes():
     y64 = ops._triton_gated(x.double(), w.double(), None, idx, None, None, *geo)
     assert torch.equal(y64, gated_conv2d_reference(x.double(), w.double(), None, idx, None,
                                                    None, *geo))
+
+
+def test_gpu_check_script_correctness_part_runs(capsys):
+    # benchmarks/gpu_check.py is for a GPU machine; its correctness check is
+    # smoke-run here on a small layer so the script stays ready.
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.DEV = DEVICE
+    assert mod.check_correctness(torch.Generator().manual_seed(0), [("tiny", 20, 6)])
+    out = capsys.readouterr().out
+    assert out.count(" ok") == 6 and "FAIL" not in out
+    md = mod.markdown([dict(layer="l", shape="8x6x6", dtype="float16", batch=1, cuda_graph=True,
+                            keep=0.5, dense_ms=1.0, static_ms=0.4, gated_ms=0.5, detect_ms=0.6,
+                            dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
+    assert "| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 |" in md
