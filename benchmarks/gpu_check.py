@@ -12,6 +12,8 @@
      gated    the Triton kernel at the same keep ratio on input and output
               channels, kept input channels given (a chained network)
      detect   the same with the active input channels found on the device
+     gated_wt the "gated" case with the weight stored output-channel-contiguous
+              (same logical tensor; coalesced weight loads)
    Batch 1 is also timed with CUDA graph replay (do_bench_cudagraph), which
    removes launch overhead for every variant alike.
 Layers: the 3x3 convs of ResNet-18 at 224 input, ResNet-20 and VGG-16 at 32x32.
@@ -113,14 +115,20 @@ def time_layers(gen, layers, batches, dtypes, keeps):
                         detect = bench(lambda: gated_conv2d_triton(
                             cs["x"], cs["w"], cs["b"], cs["out_idx"], cs["scale"], None,
                             (1, 1), (1, 1), (1, 1), True), graph)
+                        w_t = cs["w"].permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+                        gated_wt = bench(lambda: gated_conv2d_triton(
+                            cs["x"], w_t, cs["b"], cs["out_idx"], cs["scale"], cs["in_idx"],
+                            (1, 1), (1, 1), (1, 1), True), graph)
                         row = dict(layer=name, shape=f"{c}x{size}x{size}", dtype=str(dtype)[6:],
                                    batch=batch, cuda_graph=graph, keep=keep, dense_ms=dense,
                                    static_ms=static, gated_ms=gated, detect_ms=detect,
+                                   gated_wt_ms=gated_wt,
                                    dense_over_gated=dense / gated, gated_over_static=gated / static)
                         rows.append(row)
                         print(f"  {name:7} {row['shape']:>10} {row['dtype']:8} b{batch:<3}"
                               f"{' graph' if graph else '      '} keep {keep:<4} dense {dense:.4f} "
-                              f"static {static:.4f} gated {gated:.4f} detect {detect:.4f} ms  "
+                              f"static {static:.4f} gated {gated:.4f} detect {detect:.4f} "
+                              f"gated_wt {gated_wt:.4f} ms  "
                               f"dense/gated {dense / gated:.2f} gated/static {gated / static:.2f}",
                               flush=True)
     return rows
@@ -131,11 +139,13 @@ def markdown(rows, card: str, date: str) -> str:
              "`python benchmarks/gpu_check.py`: triton.testing medians in ms. gated: kept input "
              "channels given; detect: found on the device. graph: CUDA graph replay.", "",
              "| layer | shape | dtype | batch | graph | keep | dense | static | gated | detect "
-             "| dense/gated | gated/static |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gated_wt | dense/gated | gated/static |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['batch']} | "
                      f"{'yes' if r['cuda_graph'] else 'no'} | {r['keep']} | {r['dense_ms']:.4f} | "
                      f"{r['static_ms']:.4f} | {r['gated_ms']:.4f} | {r['detect_ms']:.4f} | "
+                     f"{r['gated_wt_ms']:.4f} | "
                      f"{r['dense_over_gated']:.2f} | {r['gated_over_static']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,10 @@ the per-sample index lists (no dense weight copy per sample). Gate scale, bias
 and ReLU are applied in the epilogue; pruned output channels are zero because
 the output starts zeroed and only kept channels are stored.
 
+Any strides work for x, the weight and y: a weight stored with output
+channels contiguous (``w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)``)
+makes the weight tile loads coalesced; benchmarks/gpu_check.py times both.
+
 Precision: float16 and bfloat16 multiply in their own type and accumulate in
 float32; float32 uses TF32 tensor cores (``tl.dot`` input precision "tf32":
 ~1e-3 relative error), or full IEEE float32 with ``DYNPRUNE_TRITON_FP32=ieee``.
@@ -41,6 +45,7 @@ def _configs():
         for bp, bco, bci, w, s in [
             (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
             (64, 64, 64, 4, 2), (32, 64, 32, 4, 3), (128, 32, 16, 4, 4), (16, 64, 64, 4, 2),
+            (16, 32, 32, 2, 3), (32, 32, 32, 4, 3),  # small maps at batch 1: more programs
         ]
     ]
 

@@ -166,5 +166,18 @@ def test_gpu_check_script_correctness_part_runs(capsys):
     assert out.count(" ok") == 6 and "FAIL" not in out
     md = mod.markdown([dict(layer="l", shape="8x6x6", dtype="float16", batch=1, cuda_graph=True,
                             keep=0.5, dense_ms=1.0, static_ms=0.4, gated_ms=0.5, detect_ms=0.6,
-                            dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
-    assert "| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 |" in md
+                            gated_wt_ms=0.45, dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
+    assert "| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 | 0.4500 | 2.00 | 1.25 |" in md
+
+
+def test_any_weight_layout_gives_the_same_result():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 5, 5, generator=gen).to(DEVICE)
+    w = torch.randn(8, 6, 3, 3, generator=gen).to(DEVICE)
+    w_t = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # output channels contiguous
+    x_cl = x.to(memory_format=torch.channels_last)
+    idx = torch.tensor([[1, 4, 7], [0, 2, 3]], device=DEVICE)
+    geo = ((1, 1), (1, 1), (1, 1), False)
+    ref = gated_conv2d_reference(x.double(), w.double(), None, idx, None, None, *geo)
+    for xx, ww in ((x, w_t), (x_cl, w), (x_cl, w_t)):
+        assert max_rel_err(gated_conv2d_triton(xx, ww, None, idx, None, None, *geo), ref) < 1e-3
