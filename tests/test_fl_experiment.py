@@ -152,3 +152,12 @@ def test_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     assert cli_main(["--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o")]) == 2
     assert "mnist" in capsys.readouterr().err
+
+
+def test_cifar_resnet_model_runs_on_any_channel_count(tmp_path):
+    # --model resnet20 (built from plain nn.Conv2d, made dynamic by convert()).
+    cfg = tiny(model="resnet20", methods=("dynamic",), rounds=1, finetune_rounds=1,
+               samples=200, test_samples=40, latency_reps=2)
+    report = run(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert list(report["methods"]) == ["dense", "dynamic"]
+    assert report["methods"]["dynamic"]["executed_macs"] < 0.6 * report["dense_macs"]
