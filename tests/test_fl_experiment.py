@@ -44,7 +44,8 @@ def test_report_has_every_method_with_sane_values(full_run):
     assert methods["dynamic"]["global_acc"] > 25
     # History: every round of every trained stage, in order.
     rounds = [(h["method"], h["round"]) for h in report["history"]]
-    assert rounds == ([("dense", r) for r in range(1, 5)] + [("static", r) for r in (1, 2)]
+    # (a) trains for rounds + finetune_rounds; (b), (c) branch off after 4.
+    assert rounds == ([("dense", r) for r in range(1, 7)] + [("static", r) for r in (1, 2)]
                       + [("dynamic", r) for r in (1, 2)])
 
 
@@ -75,7 +76,7 @@ def test_static_policy_is_one_channel_set_for_everyone(full_run):
         idx, _ = m.gate.select(m.gate.saliency(torch.randn(16, m.in_channels, 4, 4)), m.k)
         assert (idx == idx[0]).all()
     # and the FL fine-tuning moved the weights
-    before = _converted(cfg, prep.data, state["done"]["dense"]["model"], frozen=True).eval()
+    before = _converted(cfg, prep.data, state["branch"], frozen=True).eval()
     assert not torch.equal(model(x), before(x))
 
 
@@ -94,7 +95,7 @@ def test_resume_continues_to_the_same_result(tmp_path, full_run):
     report, _ = full_run
     cfg = tiny()
     with pytest.raises(Interrupted):
-        run(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=5)  # mid 'static'
+        run(cfg, tmp_path, progress=False, log=lambda s: None, stop_after=7)  # mid 'static'
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg, tmp_path, progress=False, log=lambda s: None)
     with pytest.raises(Interrupted):  # once more, now inside 'dynamic'

@@ -11,8 +11,10 @@
                   BatchNorm statistics follow its data) for a few local epochs:
                   a data-aware policy per client.
 
-(b) and (c) start from (a)'s final model (fine-tuning a trained network, as
-the FBS paper does), so the dense stage runs whenever any method is asked for.
+(a) runs ``rounds + finetune_rounds`` rounds; (b) and (c) branch off its
+model after ``rounds`` and fine-tune for ``finetune_rounds`` (a trained network
+is the starting point, as in the FBS paper), so every method gets the same
+number of FL rounds. The dense stage runs whenever any method is asked for.
 
 Everything is seeded per (stage, round): a run stopped after any round and
 resumed from its checkpoint ends with the same models and accuracies.
@@ -58,8 +60,8 @@ class Config:
     width: float = 1.0
     clients: int = 10
     fraction: float = 0.5            # clients sampled per round
-    rounds: int = 15                 # dense FedAvg rounds (a)
-    finetune_rounds: int = 8         # FL rounds of (b) and of (c)
+    rounds: int = 15                 # dense rounds before (b) and (c) branch off
+    finetune_rounds: int = 8         # FL rounds of (b) and (c); (a) trains on as long
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
@@ -259,9 +261,9 @@ def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False
             _adapt(cfg, prep, state, ckpt, progress, tqdm)
             continue
         if stage == "dense":
-            model, total = build_model(cfg, prep.data), cfg.rounds
+            model, total = build_model(cfg, prep.data), cfg.rounds + cfg.finetune_rounds
         else:
-            model = _converted(cfg, prep.data, state["done"]["dense"]["model"], stage == "static")
+            model = _converted(cfg, prep.data, state["branch"], stage == "static")
             total = cfg.finetune_rounds
         start = 0
         cur = state["current"]
@@ -281,6 +283,8 @@ def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False
             state["history"].append({"method": stage, "round": r + 1, "loss": loss,
                                      "mean_client_acc": acc})
             state["current"] = {"stage": stage, "round": r + 1, "model": model.state_dict()}
+            if stage == "dense" and r + 1 == cfg.rounds:  # where (b) and (c) branch off
+                state["branch"] = {k: v.clone() for k, v in model.state_dict().items()}
             _save(state, ckpt)
             bar.set_postfix(loss=f"{loss:.3f}", client_acc=f"{acc:.1f}")
             rounds_run += 1
