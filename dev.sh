@@ -3,7 +3,7 @@
 #   ./dev.sh setup   install the CPU build of torch (if missing), deps, build the extension
 #   ./dev.sh test    setup, then the test suite and a one-shot run of every benchmark case
 #   ./dev.sh demo    setup, then convert ResNet-18 (outputs match, measured speedup),
-#                    then the default FL experiment (table in fl-results/, ~3 min)
+#                    then the default FL experiment (table in fl-results/, ~6 min)
 #   ./dev.sh bench   setup, then the layer benchmarks (table + benchmarks/results/)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -11,6 +11,7 @@ from dynprune.nn import DynamicConv2d
 
 # Small enough for CI (a few seconds a run), large enough to learn something.
 TINY = dict(dataset="digits", width=0.25, clients=4, fraction=1.0, rounds=4, finetune_rounds=2,
+            lr=0.05, local_epochs=1,
             adapt_epochs=1, samples=0, test_samples=200, latency_reps=5, partition="dirichlet",
             beta=1.0)
 

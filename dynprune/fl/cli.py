@@ -1,7 +1,7 @@
 """``dynprune-fl`` / ``python -m dynprune.fl``: run the FL experiment, print its table.
 
 With no flags: Fashion-MNIST if its files are found (else scikit-learn's
-digits, and it says so), 10 non-IID clients, all four methods; about 5
+digits, and it says so), 10 non-IID clients, all four methods; about 5.5
 minutes on 2 CPU cores. ``--resume`` continues the run in ``--out`` from its
 last checkpoint (one is written after every round) to the same result.
 """

@@ -102,7 +102,7 @@ def plot(report: dict, out: Path) -> None:
         last = dense_rounds + report["config"]["finetune_rounds"]
         ax.scatter([last + 1], [rows["adaptive"]["mean_client_acc"]], marker="*", s=120,
                    color="C3", label=LABELS["adaptive"], zorder=3)
-    ax.set_xlabel("FL round (b, c fine-tune after a's rounds; d adapts after c)")
+    ax.set_xlabel("FL round (b, c branch off a at --rounds; d adapts after c)")
     ax.set_ylabel("mean client test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
