@@ -168,11 +168,15 @@ def _reference_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
                    relu, *, out):
     y = gated_conv2d_reference(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
                                dilation, relu)
-    if out.shape != y.shape:
-        raise ValueError(f"out must have shape {list(y.shape)}, got {list(out.shape)}")
-    if out.dtype != y.dtype:
-        raise TypeError(f"dtype mismatch: x is {y.dtype} but out is {out.dtype}")
+    _check_out(out, tuple(y.shape), y.dtype)
     return out.copy_(y)
+
+
+def _check_out(out: torch.Tensor, shape, dtype) -> None:
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {list(shape)}, got {list(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"dtype mismatch: x is {dtype} but out is {out.dtype}")
 
 
 def select_channels(saliency: torch.Tensor, priority: torch.Tensor, k: int) -> torch.Tensor:
@@ -190,8 +194,14 @@ def select_channels(saliency: torch.Tensor, priority: torch.Tensor, k: int) -> t
 def gate_saliency(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
     """``relu(gate_weight @ mean_hw(x) + gate_bias)``, computed in float64 and
     rounded once to x.dtype, so every backend ranks channels alike."""
-    mean = x.mean((2, 3), dtype=torch.float64)
-    return F.relu(F.linear(mean, gate_weight.double(), gate_bias.double())).to(x.dtype)
+    return saliency_from_means(x.mean((2, 3), dtype=torch.float64), gate_weight, gate_bias,
+                               x.dtype)
+
+
+def saliency_from_means(mean: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The gate on float64 channel means ``[N, Cin]``, rounded once to ``dtype``."""
+    return F.relu(F.linear(mean, gate_weight.double(), gate_bias.double())).to(dtype)
 
 
 def _check_gate(x, gate_weight, gate_bias, priority, k):
@@ -291,11 +301,7 @@ def _triton_gated_out(x, weight, bias, out_idx, out_scale, in_idx, stride, paddi
                               dilation, relu, out=out)
     _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
                   values=_check_values())
-    shape = _conv_out_shape(x, weight, stride, padding, dilation)
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out must have shape {list(shape)}, got {list(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"dtype mismatch: x is {x.dtype} but out is {out.dtype}")
+    _check_out(out, _conv_out_shape(x, weight, stride, padding, dilation), x.dtype)
     return gated_conv2d_triton(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
                                dilation, relu, out=out)
 

@@ -178,15 +178,14 @@ def dynamic_conv2d_triton(x, weight, bias, gate_weight, gate_bias, priority, k, 
                           padding, dilation, relu):
     """``dynprune::dynamic_conv2d`` on the GPU: the gate in torch ops on the device
     (float64 saliency, the reference's ranking), then the Triton conv."""
-    from dynprune.ops import select_channels
+    from dynprune.ops import saliency_from_means, select_channels
 
     mean = x.mean((2, 3), dtype=torch.float64)
     if in_idx is not None:  # channels outside in_idx are zero for the gate too
         listed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
         listed.scatter_(1, in_idx.long(), True)
         mean = torch.where(listed, mean, torch.zeros((), dtype=mean.dtype, device=mean.device))
-    saliency = torch.relu(torch.nn.functional.linear(mean, gate_weight.double(),
-                                                     gate_bias.double())).to(x.dtype)
+    saliency = saliency_from_means(mean, gate_weight, gate_bias, x.dtype)
     idx = select_channels(saliency, priority, k)
     scale = saliency.gather(1, idx)
     y = gated_conv2d_triton(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)

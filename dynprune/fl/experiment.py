@@ -27,7 +27,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -172,17 +172,27 @@ def build_model(cfg: Config, data: Dataset) -> nn.Module:
     return resnet20(data.num_classes, cfg.width, in_channels=channels)
 
 
-def _converted(cfg: Config, data: Dataset, dense_state: Dict[str, torch.Tensor],
+def _converted(cfg: Config, data: Dataset, dense_state: Optional[Dict[str, torch.Tensor]],
                frozen: bool) -> nn.Module:
-    """The trained dense model converted at cfg.keep_ratio; ``frozen``: gates fixed
-    neutral, so the filter-norm priority picks one channel set for everyone."""
+    """The dense model (with ``dense_state`` if given) converted at cfg.keep_ratio;
+    ``frozen``: gates fixed neutral, so the filter-norm priority picks one channel
+    set for everyone."""
     model = build_model(cfg, data)
-    model.load_state_dict(dense_state)
+    if dense_state is not None:
+        model.load_state_dict(dense_state)
     convert(model, cfg.keep_ratio)
     if frozen:
         for m in model.modules():
             if isinstance(m, DynamicConv2d):
                 m.gate.requires_grad_(False)
+    return model
+
+
+def _restored(cfg: Config, data: Dataset, converted_state: Dict[str, torch.Tensor],
+              frozen: bool = False) -> nn.Module:
+    """A converted model loaded from its own state dict (priorities included)."""
+    model = _converted(cfg, data, None, frozen)
+    model.load_state_dict(converted_state)
     return model
 
 
@@ -303,8 +313,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False
 def _adapt(cfg: Config, prep: Prepared, state: dict, ckpt: Path, progress: bool, tqdm) -> None:
     """(d): every client adapts the gates of the FL-trained dynamic model."""
     done = state.setdefault("adapt_partial", {"clients": [], "models": {}})
-    base = _converted(cfg, prep.data, state["done"]["dense"]["model"], frozen=False)
-    base.load_state_dict(state["done"]["dynamic"]["model"])
+    base = _restored(cfg, prep.data, state["done"]["dynamic"]["model"])
     start = len(done["clients"])
     for c in tqdm(range(start, cfg.clients), desc="adaptive", initial=start, total=cfg.clients,
                   disable=not progress, leave=True):
@@ -347,8 +356,7 @@ def _measure(cfg: Config, prep: Prepared, state: dict, log) -> dict:
         if stage == "dense":
             model = dense
         else:
-            model = _converted(cfg, prep.data, done["dense"]["model"], stage == "static")
-            model.load_state_dict(done[stage]["model"])
+            model = _restored(cfg, prep.data, done[stage]["model"], stage == "static")
             timed[stage] = model
         client = [accuracy(model, x, y) for x, y in prep.client_test]
         rows[stage] = {"client_accs": client,
@@ -364,9 +372,7 @@ def _measure(cfg: Config, prep: Prepared, state: dict, log) -> dict:
                             "global_acc": float(np.mean([p["global_acc"] for p in per])),
                             "executed_macs": float(np.average(macs[ok], weights=sizes[ok]))}
         for c, sd in done["adaptive"]["models"].items():
-            m = _converted(cfg, prep.data, done["dense"]["model"], frozen=False)
-            m.load_state_dict(sd)
-            timed[f"adaptive_{c}"] = m
+            timed[f"adaptive_{c}"] = _restored(cfg, prep.data, sd)
     log(f"timing {len(timed)} models at batch 1, side by side ({cfg.latency_reps} rounds)")
     ms = latency(timed, prep.x_test[:32], reps=cfg.latency_reps)
     for stage, row in rows.items():

@@ -3,7 +3,6 @@
 Wide enough (32-256 channels, ~72 M MACs per image) that compute, not per-call
 overhead, dominates at batch 1, so skipping channels shows in wall-clock time.
 """
-import torch
 import torch.nn as nn
 
 
