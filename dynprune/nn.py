@@ -111,6 +111,7 @@ class DynamicConv2d(nn.Conv2d):
         # applies the ReLU in the kernel (see dynprune.nn.ReLU).
         self.fuse_relu = False
         self._fold_cache = None
+        self._plan_cache = None
 
     # ------------------------------------------------------------------ config
 
@@ -219,6 +220,33 @@ class DynamicConv2d(nn.Conv2d):
             self._fold_cache = (tensors, versions, w, b)
         return w, b
 
+    def _native_eval_plan(self):
+        """This layer's bound native CPU call (``dynprune._C.EvalPlan``), or None.
+
+        Cached; rebuilt when a tensor it holds is replaced (a new Parameter, a
+        BatchNorm re-fold: see :meth:`inference_params`) or the configuration
+        changes. In-place updates of the tensors it holds are seen directly.
+        None when the native extension is missing or the padding is an
+        asymmetric 'same' (which pads x first).
+        """
+        weight, bias = self.inference_params()
+        gate = self._modules["gate"]
+        fc_params = gate._modules["fc"]._parameters
+        tensors = (weight, bias, fc_params["weight"], fc_params["bias"], gate._buffers["priority"])
+        config = (self.k, self.relu or self.fuse_relu, self.stride, self.padding, self.dilation)
+        cache = self._plan_cache
+        if (cache is not None and cache[1] == config
+                and all(a is b for a, b in zip(cache[0], tensors))):
+            return cache[2]
+        plan = None
+        if _EvalPlan is not None and (not isinstance(self.padding, str)
+                                      or _symmetric_same(self.kernel_size, self.dilation)):
+            _, padding = self._padding(weight)  # symmetric: the input is not needed
+            plan = _EvalPlan(*tensors[:2], *tensors[2:], config[0], list(self.stride),
+                             list(padding), list(self.dilation), config[1])
+        self._plan_cache = (tensors, config, plan)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W], got {x.dim()}-D")
@@ -230,6 +258,18 @@ class DynamicConv2d(nn.Conv2d):
                             f"{self._parameters['weight'].dtype}")
         if self.training:
             return self.forward_dense(x)
+        compiling = torch.compiler.is_compiling()
+        if (not compiling and x.is_cpu and type(x) is torch.Tensor
+                and not torch.is_grad_enabled()):
+            # The hot path of eager CPU inference: one pybind11 call into the
+            # kernel (no autograd, no dispatcher argument boxing). When x is
+            # the untouched output of another DynamicConv2d, its kept channels
+            # are our input channel list.
+            plan = self._native_eval_plan()
+            if plan is not None:
+                y, idx = plan.run(x, _kept_channels(x))
+                _mark(y, idx, self._plan_cache[1][1])
+                return y
         xp, padding = self._padding(x)
         weight, bias = self.inference_params()
         gate = self._modules["gate"]
@@ -241,10 +281,8 @@ class DynamicConv2d(nn.Conv2d):
             idx, scale = gate.select(gate.saliency(x), self.k)
             return gated_conv2d(xp, weight, bias, idx, scale, None, self.stride, padding,
                                 self.dilation, relu)
-        # One native call: gate + gated conv. When x is the untouched output of
-        # another DynamicConv2d, its kept channels are our input channel list.
-        # Marks are Python attributes on tensors: not while torch.compile traces.
-        compiling = torch.compiler.is_compiling()
+        # One call of the op: gate + gated conv. Marks are Python attributes on
+        # tensors: not while torch.compile traces.
         in_idx = None if compiling else _kept_channels(x)
         args = (x, weight, bias, gate_w, gate_b, priority, self.k, in_idx,
                 self.stride, padding, self.dilation, relu)
@@ -260,13 +298,19 @@ class DynamicConv2d(nn.Conv2d):
     def train(self, mode: bool = True) -> "DynamicConv2d":
         # BatchNorm updates its running stats in place without bumping their
         # version counters, so the eval fold cannot detect a training forward.
-        self._fold_cache = None
+        self._fold_cache = self._plan_cache = None
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.double()/.cuda() may swap tensor data without a version bump.
+        self._fold_cache = self._plan_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):
-        # A copy's tensors restart their version counters: never carry the fold.
+        # A copy's tensors restart their version counters: never carry the
+        # fold; the native plan is not picklable (and is rebuilt on demand).
         state = self.__dict__.copy()
-        state["_fold_cache"] = None
+        state["_fold_cache"] = state["_plan_cache"] = None
         return state
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,6 +346,14 @@ class DynamicConv2d(nn.Conv2d):
 
 
 _DYNAMIC_CONV2D = torch.ops.dynprune.dynamic_conv2d.default
+try:  # the native extension's bound eval call (None: the reference backend)
+    from dynprune._C import EvalPlan as _EvalPlan
+except Exception:  # missing or broken build: ops.py has warned once already
+    _EvalPlan = None
+
+
+def _symmetric_same(kernel_size, dilation) -> bool:
+    return all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel_size))
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 

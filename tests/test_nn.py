@@ -136,6 +136,61 @@ def test_fold_cache_follows_weight_updates():
         assert not torch.allclose(before, after)
 
 
+def _reference_forward(m, x):
+    """The same eval forward through the op path (no native plan: grad enabled)."""
+    with torch.enable_grad():
+        return m(x).detach()
+
+
+def test_native_plan_matches_op_path_and_follows_changes():
+    """The no-grad CPU fast path (a cached native plan) sees every change to the layer."""
+    m = DynamicConv2d(6, 10, 3, padding=1, keep_ratio=0.5, batch_norm=True, relu=True)
+    with torch.no_grad():
+        m.gate.fc.weight.normal_()
+    randomize_bn(m)
+    m.eval()
+    x = torch.randn(2, 6, 8, 8)
+    changes = [
+        lambda: setattr(m, "keep_ratio", 0.3),                      # k
+        lambda: m.gate.fc.weight.mul_(-1.0),                        # in place, gate
+        lambda: m.bn.running_mean.add_(0.5),                        # BN re-fold
+        lambda: setattr(m, "weight", nn.Parameter(m.weight * 2)),   # new Parameter
+        lambda: setattr(m, "relu", False),                          # epilogue
+        lambda: setattr(m, "fuse_relu", True),
+    ]
+    with torch.no_grad():
+        previous = m(x)
+        assert m._plan_cache is not None and m._plan_cache[2] is not None
+        assert torch.equal(previous, _reference_forward(m, x))
+        for change in changes:
+            change()
+            y = m(x)
+            assert torch.equal(y, _reference_forward(m, x))
+            dense = m.forward_dense(x)
+            assert rel_err(y, F.relu(dense) if m.fuse_relu else dense) < 1e-5
+            assert not torch.equal(y, previous)
+            previous = y
+
+
+def test_native_plan_survives_copies_and_dtype_changes():
+    m = DynamicConv2d(4, 6, 3, padding=1, keep_ratio=0.5).eval()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        y = m(x)
+        for clone in (copy.deepcopy(m), torch.load(_saved(m), weights_only=False)):
+            assert clone._plan_cache is None
+            assert torch.equal(clone(x), y)
+        m.double()
+        assert rel_err(m(x.double()), y) < 1e-6
+
+
+def _saved(module):
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return buf
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_convert_keep_one_matches_original(name):
     model = randomize_bn(ZOO[name]()).eval()

@@ -633,3 +633,33 @@ def test_thread_counts_give_the_same_result(threads, seed):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y, y_default)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cin,cout,k,size", [
+    (6, 8, 3, 5),      # set-up and GEMM on the calling thread
+    (16, 32, 24, 24),  # set-up on the calling thread, GEMM across threads
+    (40, 24, 12, 32),  # every phase across threads (input over 32k floats)
+])
+def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
+    """Batch 1 picks its schedule by size: each one gives the reference result."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    g = torch.Generator().manual_seed(cin + size)
+    x = torch.randn(1, cin, size, size, generator=g)
+    x[:, 1] = 0
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    b = torch.randn(cout, generator=g)
+    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
+    prio = torch.rand(cout, generator=g)
+    args = (w, b, gw, gb, prio, k, None, [1, 1], [1, 1], [1, 1], True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
+    finally:
+        torch.set_num_threads(before)
+    ry, ridx, _ = dynamic_conv2d_reference(
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert torch.equal(idx, ridx)
+    assert max_rel_err(y, ry) < 1e-5
