@@ -17,7 +17,7 @@ namespace dynprune {
 // ---------------------------------------------------------------- validation
 
 void check_index_values(const at::Tensor& idx_in, const char* name, int64_t limit) {
-  const at::Tensor idx = idx_in.to(at::kLong).contiguous();
+  const at::Tensor idx = as_long(idx_in);
   const int64_t N = idx.size(0), k = idx.size(1);
   const int64_t* p = idx.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
@@ -167,7 +167,7 @@ at::Tensor& gated_conv2d_out(const at::Tensor& x, const at::Tensor& weight,
                        relu, out);
     return out;
   }
-  at::Tensor idx = out_idx.to(at::kLong).contiguous();
+  at::Tensor idx = as_long(out_idx);
   at::Tensor scale = out_scale.has_value() ? out_scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   const at::Tensor ii = in_idx.has_value() ? *in_idx : at::Tensor();

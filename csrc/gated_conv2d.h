@@ -19,6 +19,13 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// An index tensor as contiguous int64, without a dispatcher call when it
+// already is one (the common case: ~0.5 us saved per call).
+inline at::Tensor as_long(const at::Tensor& idx) {
+  if (idx.scalar_type() == at::kLong && idx.is_contiguous()) return idx;
+  return idx.to(at::kLong).contiguous();
+}
+
 // Index values of each row: in [0, limit) and strictly increasing.
 void check_index_values(const at::Tensor& idx, const char* name, int64_t limit);
 

@@ -344,7 +344,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : bias_in;
-  const at::Tensor in_idx = in_idx_in.defined() ? in_idx_in.to(at::kLong).contiguous() : in_idx_in;
+  const at::Tensor in_idx = in_idx_in.defined() ? as_long(in_idx_in) : in_idx_in;
   const int64_t N = g.N, Cin = g.Cin, Cout = g.Cout, k = out_idx.size(1);
   const int64_t plane = g.H * g.W, Qout = g.Ho * g.Wo, taps = g.kh * g.kw;
   const Wide wd = make_wide(g);
