@@ -1,8 +1,8 @@
 """Shared set-up for the pytest-benchmark suites: 2 threads, a ratio table at the end.
 
-Each benchmark stores its median under a key; at the end of the session the
-ratios (measured side by side in this one run) are printed and written to
-benchmarks/results/.
+Each benchmark times its providers in turns and stores each one's median under
+a key; at the end of the session the ratios (measured side by side, taking
+turns, in this one run) are printed and written to benchmarks/results/.
 """
 import json
 import os
@@ -25,21 +25,29 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("DYNPRUNE_BENCH_THREADS", "2")))
 
 
+def _keep(benchmark, key, seconds) -> bool:
+    """Store a provider's interleaved median in the benchmark's JSON extra_info."""
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return False
+    benchmark.extra_info.setdefault("median_s", {})["/".join(map(str, key))] = seconds
+    return True
+
+
 @pytest.fixture
 def record():
-    """record(key, benchmark): keep the benchmark's median for the ratio table."""
-    def _record(key, benchmark):
-        if benchmark.stats is not None:  # None under --benchmark-disable
-            MEDIANS[key] = benchmark.stats.stats.median
+    """record(key, benchmark, seconds): keep a provider's median for the ratio table."""
+    def _record(key, benchmark, seconds):
+        if _keep(benchmark, key, seconds):
+            MEDIANS[key] = seconds
     return _record
 
 
 @pytest.fixture
 def record_model():
-    """record_model(key, benchmark, rows): keep a whole-network median and the case info."""
-    def _record(key, benchmark, rows):
-        if benchmark.stats is not None:
-            MODEL_MEDIANS[key] = benchmark.stats.stats.median
+    """record_model(key, benchmark, rows, seconds): a whole-network median and the case info."""
+    def _record(key, benchmark, rows, seconds):
+        if _keep(benchmark, key, seconds):
+            MODEL_MEDIANS[key] = seconds
             MODEL_INFOS[key[:2]] = rows
     return _record
 
@@ -66,7 +74,7 @@ def _write(terminalreporter, stem: str, title: str, table: str, rows) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     (RESULTS / f"{stem}.md").write_text(
-        f"# {title}\n\n{head}. Command: `./dev.sh bench`. Medians; ratios from one run.\n\n"
+        f"# {title}\n\n{head}. Command: `./dev.sh bench`. Medians of interleaved rounds (providers take turns); ratios from one run.\n\n"
         f"{table}\n")
 
 

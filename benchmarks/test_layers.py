@@ -4,30 +4,30 @@ Kept fraction `keep` applies to input channels (zeroed per sample) and output
 channels. The bar (keep 0.5): batch 1, DynamicConv2d <= 1.15x static and >= 2.5x
 faster than dense on the ResNet-18 layers; batch 16, <= 1.3x static and >= 2x.
 
-The cases run in an order that puts the providers of one (layer, batch, keep)
-next to each other, so slow drift of a shared machine hits them alike.
+One benchmark per (layer, batch, keep): each round calls the four providers in
+turn (dynprune.bench.interleaved_medians), so the drift of a shared machine
+hits them alike; pytest-benchmark times the rounds, and each provider's median
+goes to the ratio table and to the JSON's extra_info.
 """
 import pytest
 import torch
 
-from dynprune.bench import LAYERS, layer_case, rounds_for
+from dynprune.bench import LAYERS, PROVIDERS, interleaved_medians, layer_case
 
 BATCHES = (1, 16)
 KEEPS = (0.75, 0.5, 0.25)
-CASES = []
-for _name, _c, _s in LAYERS:
-    for _b in BATCHES:
-        CASES.append((_name, _c, _s, _b, 1.0, "dense"))
-        for _k in KEEPS:
-            CASES += [(_name, _c, _s, _b, _k, p) for p in ("dynamic", "static", "masked")]
+CASES = [(name, c, s, b, k) for name, c, s in LAYERS for b in BATCHES for k in KEEPS]
 
 
-@pytest.mark.parametrize("name,channels,size,batch,keep,provider", CASES,
-                         ids=[f"{c[0]}-b{c[3]}-{c[5]}-{c[4]}" for c in CASES])
-def test_layer(benchmark, record, name, channels, size, batch, keep, provider):
+@pytest.mark.parametrize("name,channels,size,batch,keep", CASES,
+                         ids=[f"{c[0]}-b{c[3]}-{c[4]}" for c in CASES])
+def test_layer(benchmark, record, name, channels, size, batch, keep):
     benchmark.group = f"{name} b{batch}"
-    fn = layer_case(channels, size, batch, 0.5 if provider == "dense" else keep)[provider]
+    case = layer_case(channels, size, batch, keep)
     with torch.no_grad():
-        fn()  # warm-up outside the timer (primitive caches, scratch buffers)
-        benchmark.pedantic(fn, rounds=rounds_for(fn, 0.4, 7, 400), iterations=1, warmup_rounds=2)
-    record((name, batch, provider, keep), benchmark)
+        medians = interleaved_medians(
+            {p: case[p] for p in PROVIDERS}, 1.2, min_rounds=7,
+            run_rounds=lambda one_round, rounds: benchmark.pedantic(
+                one_round, rounds=rounds, iterations=1))
+    for provider, seconds in medians.items():
+        record((name, batch, provider, keep), benchmark, seconds)

@@ -3,33 +3,30 @@ thinner model with the same executed MACs (the limit), at ~50% and ~75% fewer
 executed MACs. "dense_pool" is the dense model with the fast path's max-pool, to
 show how much of the speedup comes from pruning alone.
 
+One benchmark per (model, batch): each round runs every provider once, in turn
+(dynprune.bench.interleaved_medians), so the drift of a shared machine hits
+them alike.
+
 The bar (batch 1): ~50% fewer MACs -> >= 1.8x over dense for ResNet-18 (224) and
 VGG-16, >= 1.5x for ResNet-20; ~75% fewer -> >= 3x for ResNet-18.
 """
-import functools
 import pytest
 import torch
 
-from dynprune.bench import MODEL_NAMES, REDUCTIONS, model_case, rounds_for
+from dynprune.bench import MODEL_NAMES, interleaved_medians, model_case, model_providers
 
 BATCHES = (1, 16)
-PROVIDERS = [("dense", 0.0), ("dense_pool", 0.0)] + [
-    (p, r) for r in REDUCTIONS for p in ("dynamic", "static")]
-CASES = [(m, b, p, r) for m in MODEL_NAMES for b in BATCHES for p, r in PROVIDERS]
+CASES = [(m, b) for m in MODEL_NAMES for b in BATCHES]
 
 
-@functools.lru_cache(maxsize=1)
-def _case(name, batch):
-    return model_case(name, batch)
-
-
-@pytest.mark.parametrize("name,batch,provider,reduction", CASES,
-                         ids=[f"{c[0]}-b{c[1]}-{c[2]}-{c[3]}" for c in CASES])
-def test_model(benchmark, record_model, name, batch, provider, reduction):
+@pytest.mark.parametrize("name,batch", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
+def test_model(benchmark, record_model, name, batch):
     benchmark.group = f"{name} b{batch}"
-    case = _case(name, batch)
-    fn = case[provider] if provider.startswith("dense") else case[(provider, reduction)]
+    case = model_case(name, batch)
     with torch.no_grad():
-        fn()
-        benchmark.pedantic(fn, rounds=rounds_for(fn, 1.0, 5, 200), iterations=1, warmup_rounds=1)
-    record_model((name, batch, provider, reduction), benchmark, case["rows"])
+        medians = interleaved_medians(
+            model_providers(case), 6.0 if batch == 1 else 10.0, min_rounds=5,
+            run_rounds=lambda one_round, rounds: benchmark.pedantic(
+                one_round, rounds=rounds, iterations=1))
+    for (provider, reduction), seconds in medians.items():
+        record_model((name, batch, provider, reduction), benchmark, case["rows"], seconds)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,38 +62,61 @@ def layer_case(channels: int, size: int, batch: int, keep: float,
     }
 
 
-def rounds_for(fn: Callable[[], object], budget_s: float, min_rounds: int = 5,
-               max_rounds: int = 500) -> int:
-    """How many timed calls of ``fn`` fit in ``budget_s`` (one call is timed)."""
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-6)
-    return max(min_rounds, min(max_rounds, int(budget_s / once)))
-
-
 def median_time(fn: Callable[[], object], budget_s: float = 0.3, min_rounds: int = 5) -> float:
     """Median wall time of ``fn`` in seconds (after warm-up)."""
-    fn()
-    rounds = rounds_for(fn, budget_s, min_rounds)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, budget_s, min_rounds)["fn"]
+
+
+def interleaved_medians(fns: Dict[object, Callable[[], object]], budget_s: float = 1.0,
+                        min_rounds: int = 5, max_rounds: int = 400,
+                        run_rounds: Optional[Callable[[Callable[[], None], int], None]] = None
+                        ) -> Dict[object, float]:
+    """Median wall time (s) of each callable, timed in turns: each round calls every
+    one once, in an order rotated by one each round.
+
+    On a shared, noisy machine the load drifts over seconds; taking turns puts
+    that drift on every provider alike, so their ratios hold even when the
+    absolute times do not. ``run_rounds(one_round, rounds)`` may drive the
+    rounds (pytest-benchmark's pedantic mode does, in benchmarks/).
+    """
+    keys = list(fns)
+    for k in keys:  # warm-up: primitive caches, scratch buffers
+        fns[k]()
+    t0 = time.perf_counter()
+    for k in keys:
+        fns[k]()
+    once = max(time.perf_counter() - t0, 1e-6)
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / once)))
+    times = {k: [] for k in keys}
+    turn = [0]
+
+    def one_round() -> None:
+        shift = turn[0] % len(keys)
+        turn[0] += 1
+        for k in keys[shift:] + keys[:shift]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+
+    if run_rounds is None:
+        for _ in range(rounds):
+            one_round()
+    else:
+        run_rounds(one_round, rounds)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ratio_rows(medians: Dict[Tuple, float], layers=LAYERS, batches=(1, 16),
                keeps=(0.75, 0.5, 0.25)) -> List[dict]:
     """Rows of ratios from ``{(layer, batch, provider, keep): seconds}``.
 
-    ``dense`` is stored with keep=1.0.
+    ``dense`` is stored under each keep it was timed beside (or keep=1.0).
     """
     rows = []
     for name, c, s in layers:
         for b in batches:
-            dense = medians.get((name, b, "dense", 1.0))
             for keep in keeps:
+                dense = medians.get((name, b, "dense", keep), medians.get((name, b, "dense", 1.0)))
                 dyn = medians.get((name, b, "dynamic", keep))
                 if dense is None or dyn is None:
                     continue
@@ -128,10 +151,8 @@ def run_layers(batches, keeps, budget_s: float) -> List[dict]:
     for (name, c, s), b, keep in tqdm(jobs, desc="layers", unit="case"):
         case = layer_case(c, s, b, keep)
         with torch.no_grad():
-            if (name, b, "dense", 1.0) not in medians:
-                medians[(name, b, "dense", 1.0)] = median_time(case["dense"], budget_s)
-            for p in ("dynamic", "static", "masked"):
-                medians[(name, b, p, keep)] = median_time(case[p], budget_s)
+            got = interleaved_medians({p: case[p] for p in PROVIDERS}, budget_s)
+        medians.update({(name, b, p, keep): t for p, t in got.items()})
     return ratio_rows(medians, batches=batches, keeps=keeps)
 
 
@@ -222,6 +243,15 @@ def format_model_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_providers(case: dict) -> Dict[Tuple[str, float], Callable[[], object]]:
+    """``{(provider, reduction): callable}`` of a :func:`model_case`."""
+    fns = {("dense", 0.0): case["dense"], ("dense_pool", 0.0): case["dense_pool"]}
+    for r in case["rows"]:
+        for p in ("dynamic", "static"):
+            fns[(p, r["reduction"])] = case[(p, r["reduction"])]
+    return fns
+
+
 def run_models(names, batches, budget_s: float) -> List[dict]:
     from tqdm import tqdm
 
@@ -231,12 +261,8 @@ def run_models(names, batches, budget_s: float) -> List[dict]:
             case = model_case(name, b)
             infos[(name, b)] = case["rows"]
             with torch.no_grad():
-                medians[(name, b, "dense", 0.0)] = median_time(case["dense"], budget_s)
-                medians[(name, b, "dense_pool", 0.0)] = median_time(case["dense_pool"], budget_s)
-                for r in case["rows"]:
-                    for p in ("dynamic", "static"):
-                        medians[(name, b, p, r["reduction"])] = median_time(
-                            case[(p, r["reduction"])], budget_s)
+                got = interleaved_medians(model_providers(case), budget_s)
+            medians.update({(name, b) + key: t for key, t in got.items()})
     return model_rows(medians, infos)
 
 
@@ -258,9 +284,9 @@ def demo() -> None:
         report = flops(half, x)
         pooled = _clone(model)
         _fast_pools(pooled)  # the fast path's max-pool alone, to separate its share
-        t_dense = median_time(lambda: model(x), 1.0)
-        t_pool = median_time(lambda: pooled(x), 1.0)
-        t_half = median_time(lambda: half(x), 1.0)
+        t = interleaved_medians({"dense": lambda: model(x), "pool": lambda: pooled(x),
+                                 "half": lambda: half(x)}, 3.0)
+        t_dense, t_pool, t_half = t["dense"], t["pool"], t["half"]
     print(f"keep_ratio=0.5: {report}")
     print(f"batch 1, {torch.get_num_threads()} threads: dense {1e3 * t_dense:.1f} ms, "
           f"dense with the fast max-pool {1e3 * t_pool:.1f} ms, dynamic {1e3 * t_half:.1f} ms")
@@ -281,12 +307,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per case")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds of timing per (layer, batch, keep), all providers in turns")
     p = sub.add_parser("models", help="whole-network speed table")
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")
+    p.add_argument("--budget", type=float, default=4.0,
+                   help="seconds of timing per (model, batch), all providers in turns")
     sub.add_parser("demo", help="convert ResNet-18, check outputs, print speedup")
     args = parser.parse_args(argv)
     if args.cmd == "layers":
