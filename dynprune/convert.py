@@ -36,6 +36,8 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
             if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
                 continue
             src = node.args[0] if node.args else None
+            if not modules[node.target].track_running_stats:
+                continue  # batch statistics at eval too: nothing to fold
             if (isinstance(src, torch.fx.Node) and src.op == "call_module"
                     and isinstance(modules.get(src.target), nn.Conv2d)
                     and len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1):
@@ -51,7 +53,8 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
             children = [(n, c) for n, c in mod.named_children() if counts[id(c)] == 1]
             children = list(mod.named_children()) if len(children) == len(mod) else []
             for (cname, c), (bname, b) in zip(children, children[1:]):
-                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                if (isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)
+                        and b.track_running_stats):
                     prefix = f"{name}." if name else ""
                     pairs[prefix + cname] = prefix + bname
     return pairs
@@ -156,7 +159,9 @@ def convert(
             channels are few and all informative).
         fuse_bn: move a BatchNorm2d that directly follows a conv into the new
             module (gate after BN, folded at eval) and leave nn.Identity in
-            its place, so pruned channels stay exactly zero through BN.
+            its place, so pruned channels stay exactly zero through BN. A
+            conv that stays dense takes its BN likewise, as a
+            :class:`dynprune.nn.Conv2dBN` (BN folded into it at eval).
         fast_path: make the whole network fast in eval mode, with no extra
             call: a ReLU that alone consumes a converted conv's output runs in
             the kernel's epilogue, each conv hands its kept channels to the
@@ -183,10 +188,14 @@ def convert(
         conv = modules[name]
         if not _convertible(conv) or (filter_fn is not None and not filter_fn(conv, name)):
             continue
-        bn_name = pairs.get(name)
+        bn_name = pairs.pop(name, None)
         bn = modules[bn_name] if bn_name is not None else None
         _set_submodule(model, name, DynamicConv2d.from_conv(conv, bn=bn, keep_ratio=keep_ratio))
         if bn_name is not None:
+            _set_submodule(model, bn_name, nn.Identity())
+    for name, bn_name in pairs.items():  # convs left dense: BN folded at eval all the same
+        if type(modules[name]) is nn.Conv2d:
+            _set_submodule(model, name, dnn.Conv2dBN.from_conv(modules[name], modules[bn_name]))
             _set_submodule(model, bn_name, nn.Identity())
     if fast_path:
         _fuse_relus(model)

@@ -136,6 +136,48 @@ def test_fold_cache_follows_weight_updates():
         assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_bn_folds_at_eval_and_trains_unchanged(groups):
+    conv, bn = nn.Conv2d(8, 12, 3, padding=1, groups=groups), nn.BatchNorm2d(12)
+    randomize_bn(nn.Sequential(conv, bn))
+    fused = dynprune.Conv2dBN.from_conv(conv, bn)
+    x = torch.randn(3, 8, 7, 7)
+    conv.eval(), bn.eval(), fused.eval()
+    with torch.no_grad():
+        ref = bn(conv(x))
+        assert rel_err(fused(x), ref) < 1e-5
+        fused.bn.running_mean.add_(1.0)  # the fold follows the BN's statistics
+        assert rel_err(fused(x), fused.bn(F.conv2d(x, fused.weight, fused.bias, padding=1,
+                                                   groups=groups))) < 1e-5
+    # Training: batch statistics and running-stat updates exactly as conv -> bn.
+    conv2, bn2 = copy.deepcopy(conv).train(), copy.deepcopy(bn).train()
+    fused2 = dynprune.Conv2dBN.from_conv(conv2, bn2).train()
+    assert torch.equal(fused2(x), bn2(conv2(x)))
+    assert torch.equal(fused2.bn.running_mean, bn2.running_mean)
+
+
+def test_conv2d_bn_rejects_bn_without_running_stats():
+    with pytest.raises(ValueError, match="running statistics"):
+        dynprune.Conv2dBN.from_conv(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet"])
+def test_convert_folds_bn_of_convs_left_dense(name):
+    model = randomize_bn(ZOO[name]()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        converted = dynprune.convert(copy.deepcopy(model), keep_ratio=1.0).eval()
+        assert rel_err(converted(x), ref) < 1e-4
+    kept_dense = [m for m in converted.modules() if type(m) is dynprune.Conv2dBN]
+    assert kept_dense  # the first conv (and depthwise convs) took their BatchNorm
+    if name == "mobilenet":
+        assert any(m.groups > 1 for m in kept_dense)
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules()
+                   if not any(m is d.bn for d in converted.modules()
+                              if isinstance(d, (dynprune.Conv2dBN, DynamicConv2d))))
+
+
 def _reference_forward(m, x):
     """The same eval forward through the op path (no native plan: grad enabled)."""
     with torch.enable_grad():
