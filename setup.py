@@ -18,7 +18,8 @@ if os.environ.get("DYNPRUNE_NO_EXT", "0") != "1":
     ext_modules.append(
         CppExtension(
             "dynprune._C",
-            sources=["csrc/gated_conv2d.cpp", "csrc/sparse_f32.cpp", "csrc/dynamic_conv2d.cpp"],
+            sources=["csrc/gated_conv2d.cpp", "csrc/sparse_f32.cpp", "csrc/dynamic_conv2d.cpp",
+                     "csrc/max_pool2d.cpp"],
             extra_compile_args={"cxx": flags},
             extra_link_args=["-fopenmp"],
             depends=["csrc/microkernel.h", "csrc/gated_conv2d.h"],

@@ -113,6 +113,10 @@ struct EvalPlan {
   }
 };
 
+at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding,
+                           std::vector<int64_t> dilation);  // max_pool2d.cpp
+
 }  // namespace dynprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -127,4 +131,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }))
       .def("run", &dynprune::EvalPlan::run, pybind11::arg("x"), pybind11::arg("in_idx"),
            "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None");
+  m.def("max_pool2d_nchw", &dynprune::max_pool2d_nchw, pybind11::arg("x"), pybind11::arg("kernel"),
+        pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+        "Max pool of a 4-D float32 CPU tensor in NCHW (no indices, floor mode); no autograd");
 }

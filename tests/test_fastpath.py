@@ -107,10 +107,37 @@ def test_relu_not_fused_when_output_has_other_consumers():
         assert rel_err(model(x), ref(x)) < 1e-5
 
 
-@pytest.mark.parametrize("shape,k,s,p", [((2, 5, 13, 11), 3, 2, 1), ((1, 4, 8, 8), 2, 2, 0)])
-def test_maxpool_matches(shape, k, s, p):
+@pytest.mark.parametrize("shape,k,s,p,d", [
+    ((2, 5, 13, 11), 3, 2, 1, 1), ((1, 4, 8, 8), 2, 2, 0, 1), ((1, 3, 9, 10), (3, 2), (1, 3), (1, 1), 1),
+    ((2, 2, 15, 12), 3, 1, 1, 2), ((1, 70, 5, 7), 5, 3, 2, 1), ((3, 1, 4, 4), 4, 4, 0, 1)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_maxpool_matches(shape, k, s, p, d, grad):
+    """The native NCHW pool (no autograd) and the channels_last route (autograd)."""
+    assert dnn._max_pool2d_nchw is not None or dynprune.backends()["cpu"] != "native"
     x = torch.randn(*shape)
-    assert torch.equal(dnn.MaxPool2d(k, s, p)(x), nn.MaxPool2d(k, s, p)(x))
+    x.view(-1)[::7] = float("-inf")
+    x.view(-1)[5] = float("nan")  # NaN propagates, as in PyTorch
+    x.requires_grad_(grad)
+    got, ref = dnn.MaxPool2d(k, s, p, d)(x), nn.MaxPool2d(k, s, p, d)(x)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+    assert got.requires_grad == grad
+
+
+def test_maxpool_falls_back_for_other_inputs():
+    x = torch.randn(2, 3, 9, 9)
+    for pool, inp in [(dnn.MaxPool2d(3, 2, ceil_mode=True), x), (dnn.MaxPool2d(2), x.double()),
+                      (dnn.MaxPool2d(2), x.to(memory_format=torch.channels_last)),
+                      (dnn.MaxPool2d(3, 2, return_indices=True), x)]:
+        ref = nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                           pool.return_indices, pool.ceil_mode)
+        got, want = pool(inp), ref(inp)
+        if pool.return_indices:
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        else:
+            assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="pad should be at most half"):
+        dnn.MaxPool2d(2, 2, 2)(x)
 
 
 def test_inference_mode_and_grad_mode_agree():

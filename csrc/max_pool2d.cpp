@@ -1,0 +1,98 @@
+// Max pooling of a contiguous NCHW float32 tensor, for dynprune.nn.MaxPool2d.
+//
+// PyTorch's NCHW CPU max-pool runs several times slower than its channels_last
+// one, and the layout round trip to use that one costs two copies (ResNet-18's
+// stem pool at batch 1: 3.75 ms NCHW, 0.93 ms through channels_last). Here,
+// per output row: the max over the kernel's input rows, vectorised along the
+// row, then the max over the kernel's columns. Padding never wins (as in
+// PyTorch: it is -inf, not 0) and NaN propagates.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace dynprune {
+namespace {
+
+// a if it is larger or NaN, else b: PyTorch's NaN-propagating max.
+inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// rowmax: W + 2 * pw + extra floats; its pads stay -inf (set by the caller).
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+void pool_plane(const float* in, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
+                int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t Ho,
+                int64_t Wo, float* rowmax, float* out) {
+  float* rm = rowmax + pw;  // rm[-pw .. -1] and rm[W ..] are -inf padding
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    // Rows of this window inside the image (at least one: checked by the caller).
+    const int64_t ih0 = oh * sh - ph;
+    bool first = true;
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t ih = ih0 + i * dh;
+      if (ih < 0 || ih >= H) continue;
+      const float* row = in + ih * W;
+      if (first) {
+        for (int64_t w = 0; w < W; ++w) rm[w] = row[w];
+        first = false;
+      } else {
+        for (int64_t w = 0; w < W; ++w) rm[w] = nan_max(row[w], rm[w]);
+      }
+    }
+    // Columns: branch-free over the padded row.
+    float* o = out + oh * Wo;
+    const float* base = rowmax;  // column ow * sw - pw + j * dw of rm
+    for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = base[ow * sw];
+    for (int64_t j = 1; j < kw; ++j) {
+      const float* b = base + j * dw;
+      if (sw == 1) {
+        for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = nan_max(b[ow], o[ow]);
+      } else if (sw == 2) {
+        for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = nan_max(b[2 * ow], o[ow]);
+      } else {
+        for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = nan_max(b[ow * sw], o[ow]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding,
+                           std::vector<int64_t> dilation) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "max_pool2d_nchw expects a 4-D float32 CPU tensor, got ", x.dim(), "-D ",
+                    x.scalar_type(), " on ", x.device());
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                        dilation.size() == 2,
+                    "kernel, stride, padding and dilation must have 2 elements each");
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0,
+                    "kernel, stride and dilation must be positive");
+  TORCH_CHECK_VALUE(ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw,
+                    "padding must be non-negative and at most half the kernel size");
+  const at::Tensor in = x.contiguous();
+  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "input ", H, "x", W, " is too small for the pooling window");
+  at::Tensor y = at::empty({N, C, Ho, Wo}, in.options());
+  const float* ip = in.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Planes in parallel; a grain of several planes keeps small maps on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    // The padded row reaches column (Wo - 1) * sw + (kw - 1) * dw - pw < W + pw.
+    std::vector<float> rowmax(W + 2 * pw + 1, -INFINITY);
+    for (int64_t p = begin; p < end; ++p)
+      pool_plane(ip + p * H * W, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, rowmax.data(),
+                 yp + p * Ho * Wo);
+  });
+  return y;
+}
+
+}  // namespace dynprune
