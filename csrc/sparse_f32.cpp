@@ -27,6 +27,15 @@
 namespace dynprune {
 namespace {
 
+// AVX-512 paths: on CPUs that have it, unless DYNPRUNE_DISABLE_AVX512=1
+// forces the portable ones (tests use it).
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
+  return yes;
+}
+
 // ---------------------------------------------------------------- wide grid
 //
 // The kept input channels of a sample are copied once into a zero-padded
@@ -244,13 +253,8 @@ void block_generic(const float* weight, const Geometry& g, const Wide& wd,
 void compute_block(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
                    const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, int64_t qb,
                    bool relu, float* y_n, float* cbuf) {
-  // DYNPRUNE_DISABLE_AVX512=1 forces the portable path (tests use it).
-  static const bool avx512 =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
   const int64_t q0 = qb * kQBlock;
-  if (avx512)
+  if (has_avx512())
     block_avx512(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
   else
     block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
