@@ -103,6 +103,16 @@ struct EvalPlan {
   int64_t k;
   std::vector<int64_t> stride, padding, dilation;
   bool relu;
+  // Tensors the bound weight/bias were computed from (a folded BatchNorm's
+  // inputs) and their version counters then: stale() when any has changed.
+  std::vector<at::Tensor> watched;
+  std::vector<int64_t> seen;
+
+  bool stale() const {
+    for (size_t i = 0; i < watched.size(); ++i)
+      if (watched[i]._version() != seen[i]) return true;
+    return false;
+  }
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x,
                                          const c10::optional<at::Tensor>& in_idx) const {
@@ -125,10 +135,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init([](at::Tensor weight, c10::optional<at::Tensor> bias,
                              at::Tensor gate_weight, at::Tensor gate_bias, at::Tensor priority,
                              int64_t k, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                             std::vector<int64_t> dilation, bool relu) {
+                             std::vector<int64_t> dilation, bool relu,
+                             std::vector<at::Tensor> watched) {
+             std::vector<int64_t> seen;
+             for (const at::Tensor& t : watched) seen.push_back(t._version());
              return dynprune::EvalPlan{weight, bias, gate_weight, gate_bias, priority, k,
-                                       stride, padding, dilation, relu};
+                                       stride, padding, dilation, relu, watched, seen};
            }))
+      .def("stale", &dynprune::EvalPlan::stale,
+           "True when a watched tensor changed in place since the plan was built")
       .def("run", &dynprune::EvalPlan::run, pybind11::arg("x"), pybind11::arg("in_idx"),
            "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None");
   m.def("max_pool2d_nchw", &dynprune::max_pool2d_nchw, pybind11::arg("x"), pybind11::arg("kernel"),

@@ -247,28 +247,39 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
     def _native_eval_plan(self):
         """This layer's bound native CPU call (``dynprune._C.EvalPlan``), or None.
 
-        Cached; rebuilt when a tensor it holds is replaced (a new Parameter, a
-        BatchNorm re-fold: see :meth:`inference_params`) or the configuration
-        changes. In-place updates of the tensors it holds are seen directly.
+        Cached under a key of the tensors it was built from (their ids: the
+        cache keeps them alive, so an id cannot be reused) and the
+        configuration; when a BatchNorm is folded in, the plan also checks (in
+        C++) the version counters of the fold's inputs. A replaced Parameter,
+        a BN update or a new keep ratio rebuilds it; other in-place updates are
+        seen directly (it holds the tensors).
         None when the native extension is missing or the padding is an
-        asymmetric 'same' (which pads x first).
+        asymmetric 'same' (which pads x first). On every eval call: ~1 us.
         """
-        weight, bias = self.inference_params()
+        params, bn = self._parameters, self._modules.get("bn")
         gate = self._modules["gate"]
         fc_params = gate._modules["fc"]._parameters
-        tensors = (weight, bias, fc_params["weight"], fc_params["bias"], gate._buffers["priority"])
-        config = (self.k, self.relu or self.fuse_relu, self.stride, self.padding, self.dilation)
+        src = (params["weight"], params["bias"], fc_params["weight"], fc_params["bias"],
+               gate._buffers["priority"])
+        if bn is not None:
+            src += (bn._parameters["weight"], bn._parameters["bias"],
+                    bn._buffers["running_mean"], bn._buffers["running_var"])
+        key = (self._keep_ratio, self.relu, self.fuse_relu, self.stride, self.padding,
+               self.dilation, bn.eps if bn is not None else None) + tuple(map(id, src))
         cache = self._plan_cache
-        if (cache is not None and cache[1] == config
-                and all(a is b for a, b in zip(cache[0], tensors))):
+        if cache is not None and cache[0] == key and (cache[2] is None or not cache[2].stale()):
             return cache[2]
         plan = None
         if _EvalPlan is not None and (not isinstance(self.padding, str)
                                       or _symmetric_same(self.kernel_size, self.dilation)):
+            weight, bias = self.inference_params()
             _, padding = self._padding(weight)  # symmetric: the input is not needed
-            plan = _EvalPlan(*tensors[:2], *tensors[2:], config[0], list(self.stride),
-                             list(padding), list(self.dilation), config[1])
-        self._plan_cache = (tensors, config, plan)
+            # With a BN folded in, the plan's weight and bias are a copy: it
+            # watches the fold's inputs for in-place changes (version counters).
+            watched = [t for t in src[:2] + src[5:] if t is not None] if bn is not None else []
+            plan = _EvalPlan(weight, bias, *src[2:5], self.k, list(self.stride), list(padding),
+                             list(self.dilation), self.relu or self.fuse_relu, watched)
+        self._plan_cache = (key, src, plan)  # src: keeps the keyed tensors alive
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,7 +303,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             plan = self._native_eval_plan()
             if plan is not None:
                 y, idx = plan.run(x, _kept_channels(x))
-                _mark(y, idx, self._plan_cache[1][1])
+                _mark(y, idx, self.relu or self.fuse_relu)
                 return y
         xp, padding = self._padding(x)
         weight, bias = self.inference_params()
