@@ -123,10 +123,6 @@ struct EvalPlan {
   }
 };
 
-at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
-                           std::vector<int64_t> stride, std::vector<int64_t> padding,
-                           std::vector<int64_t> dilation);  // max_pool2d.cpp
-
 }  // namespace dynprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -50,4 +50,10 @@ at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, bool relu);
 
+// Max pool of a contiguous NCHW float32 CPU tensor (max_pool2d.cpp); bound
+// for dynprune.nn.MaxPool2d, no autograd.
+at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding,
+                           std::vector<int64_t> dilation);
+
 }  // namespace dynprune

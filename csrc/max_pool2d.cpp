@@ -14,6 +14,8 @@
 #include <cmath>
 #include <vector>
 
+#include "gated_conv2d.h"
+
 namespace dynprune {
 namespace {
 

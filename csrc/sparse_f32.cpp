@@ -483,11 +483,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     grow(ws.cbufs[t], cbuf_floats);
     grow(ws.orders[t], gate ? Cout : 0);
   }
-  const float* no_scale = nullptr;
-  if (!os) {
-    no_scale = grow(ws.ones, k);
-    std::fill_n(grow(ws.ones, k), k, 1.f);
-  }
+  float* ones = os ? nullptr : grow(ws.ones, k);  // scale 1 when none is given
+  if (ones) std::fill_n(ones, k, 1.f);
+  const float* no_scale = ones;
   auto item = [&](int64_t it, float* cbuf) {  // B: one work item
     const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts;
     const int64_t qb = it % qblocks;

@@ -62,11 +62,6 @@ def layer_case(channels: int, size: int, batch: int, keep: float,
     }
 
 
-def median_time(fn: Callable[[], object], budget_s: float = 0.3, min_rounds: int = 5) -> float:
-    """Median wall time of ``fn`` in seconds (after warm-up)."""
-    return interleaved_medians({"fn": fn}, budget_s, min_rounds)["fn"]
-
-
 def interleaved_medians(fns: Dict[object, Callable[[], object]], budget_s: float = 1.0,
                         min_rounds: int = 5, max_rounds: int = 400,
                         run_rounds: Optional[Callable[[Callable[[], None], int], None]] = None

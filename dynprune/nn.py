@@ -56,6 +56,8 @@ class _FoldsBatchNorm:
     the eval weight and bias with BN folded in, cached while valid."""
 
     _fold_cache = None
+    # Caches derived from the parameters: dropped by train(), _apply() and copies.
+    _eval_caches: Tuple[str, ...] = ("_fold_cache",)
 
     def inference_params(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Weight and bias with the BatchNorm (running stats) folded in.
@@ -90,22 +92,26 @@ class _FoldsBatchNorm:
             self._fold_cache = (tensors, versions, w, b)
         return w, b
 
+    def _drop_eval_caches(self, state: dict) -> dict:
+        for name in self._eval_caches:
+            state[name] = None
+        return state
+
     def train(self, mode: bool = True):
         # BatchNorm updates its running stats in place without bumping their
         # version counters, so the eval fold cannot detect a training forward.
-        self._fold_cache = None
+        self._drop_eval_caches(self.__dict__)
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.double()/.cuda() may swap tensor data without a version bump.
-        self._fold_cache = None
+        self._drop_eval_caches(self.__dict__)
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
-        # A copy's tensors restart their version counters: never carry the fold.
-        state = self.__dict__.copy()
-        state["_fold_cache"] = None
-        return state
+        # A copy's tensors restart their version counters (never carry the
+        # fold), and a native plan is not picklable (it is rebuilt on demand).
+        return self._drop_eval_caches(self.__dict__.copy())
 
 
 def _as_pair(v) -> Tuple[int, int]:
@@ -131,6 +137,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
     (correct, dense-cost gradients), but train with ``.train()``, which also
     records ``saliency_l1`` for the regulariser.
     """
+
+    _eval_caches = ("_fold_cache", "_plan_cache")
 
     def __init__(
         self,
@@ -228,21 +236,31 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
 
     # ------------------------------------------------------------------ forward
 
-    def _padding(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Symmetric padding for the op; asymmetric 'same' pads x explicitly."""
-        if not isinstance(self.padding, str):
-            return x, _as_pair(self.padding)
-        if self.padding == "valid":
-            return x, (0, 0)
-        # 'same': total d*(k-1), extra pixel on the right/bottom, as F.conv2d does.
+    def _same_pads(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """'same' padding as ((top, bottom), (left, right)): total d*(k-1), the
+        extra pixel on the bottom/right, as F.conv2d does."""
         pads = []
         for d, k in zip(self.dilation, self.kernel_size):
             total = d * (k - 1)
             pads.append((total // 2, total - total // 2))
-        (th, bh), (lw, rw) = pads
-        if bh != th or rw != lw:
-            x = F.pad(x, (0, rw - lw, 0, bh - th))
-        return x, (th, lw)
+        return pads[0], pads[1]
+
+    def _symmetric_padding(self) -> Optional[Tuple[int, int]]:
+        """The op's padding, or None for an asymmetric 'same' (x is padded first)."""
+        if not isinstance(self.padding, str):
+            return _as_pair(self.padding)
+        if self.padding == "valid":
+            return (0, 0)
+        (th, bh), (lw, rw) = self._same_pads()
+        return (th, lw) if (th, lw) == (bh, rw) else None
+
+    def _padding(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Symmetric padding for the op; asymmetric 'same' pads x explicitly."""
+        padding = self._symmetric_padding()
+        if padding is not None:
+            return x, padding
+        (th, bh), (lw, rw) = self._same_pads()
+        return F.pad(x, (0, rw - lw, 0, bh - th)), (th, lw)
 
     def _native_eval_plan(self):
         """This layer's bound native CPU call (``dynprune._C.EvalPlan``), or None.
@@ -269,11 +287,9 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         cache = self._plan_cache
         if cache is not None and cache[0] == key and (cache[2] is None or not cache[2].stale()):
             return cache[2]
-        plan = None
-        if _EvalPlan is not None and (not isinstance(self.padding, str)
-                                      or _symmetric_same(self.kernel_size, self.dilation)):
+        plan, padding = None, self._symmetric_padding()
+        if _EvalPlan is not None and padding is not None:
             weight, bias = self.inference_params()
-            _, padding = self._padding(weight)  # symmetric: the input is not needed
             # With a BN folded in, the plan's weight and bias are a copy: it
             # watches the fold's inputs for in-place changes (version counters).
             watched = [t for t in src[:2] + src[5:] if t is not None] if bn is not None else []
@@ -329,20 +345,6 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         if not compiling:
             _mark(y, idx, relu)
         return y
-
-    def train(self, mode: bool = True) -> "DynamicConv2d":
-        self._plan_cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._plan_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        # The native plan is not picklable (and is rebuilt on demand).
-        state = super().__getstate__()
-        state["_plan_cache"] = None
-        return state
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """The differentiable training path: conv [-> BN] -> gate [-> ReLU].
@@ -426,9 +428,6 @@ try:  # the native extension's eval entry points (None: the reference backend)
 except Exception:  # missing or broken build: ops.py has warned once already
     _EvalPlan = _max_pool2d_nchw = None
 
-
-def _symmetric_same(kernel_size, dilation) -> bool:
-    return all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel_size))
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
@@ -475,15 +474,15 @@ class MaxPool2d(nn.MaxPool2d):
     the native kernel (``dynprune._C.max_pool2d_nchw``; ResNet-18's stem pool
     at batch 1, 2 threads: 0.32 ms, against 0.79 ms through channels_last
     and 3.5 ms for PyTorch's NCHW kernel); with autograd, or without the
-    native build, it pools through channels_last. Same results; the output
-    stays NCHW. ``return_indices``/``ceil_mode`` use nn.MaxPool2d as is.
+    native build, or with ``ceil_mode``, it pools through channels_last. Same
+    results; the output stays NCHW. ``return_indices`` uses nn.MaxPool2d as is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() != 4 or x.device.type != "cpu" or self.return_indices or self.ceil_mode
+        if (x.dim() != 4 or x.device.type != "cpu" or self.return_indices
                 or not x.is_contiguous() or torch.compiler.is_compiling()):
             return super().forward(x)
-        if (_max_pool2d_nchw is not None and x.dtype == torch.float32
+        if (_max_pool2d_nchw is not None and x.dtype == torch.float32 and not self.ceil_mode
                 and not (x.requires_grad and torch.is_grad_enabled())):
             kernel, stride = _as_pair(self.kernel_size), _as_pair(self.stride or self.kernel_size)
             padding, dilation = _as_pair(self.padding), _as_pair(self.dilation)
