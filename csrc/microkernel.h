@@ -62,6 +62,61 @@ static inline __attribute__((always_inline)) void tile(
       *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
 }
 
+// The same sums with the weights packed for this tile: wpk[(i*taps + t)*J + j]
+// (see pack_weights in sparse_f32.cpp). One contiguous stream per tile instead
+// of J scattered rows, so the broadcasts hit L1 and the prefetcher keeps up.
+template <int J, int R>
+static inline __attribute__((always_inline)) void tile_packed(
+    const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
+    const float* __restrict wpk, float* __restrict cbuf, bool first) {
+  v16 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r)
+      acc[j][r] = first ? v16{} : *reinterpret_cast<const v16u*>(cbuf + j * kQBlock + r * kLanes);
+
+  for (int64_t i = 0; i < ci; ++i) {
+    const float* xi = xs[i] + q0;
+    for (int64_t t = 0; t < taps; ++t, wpk += J) {
+      const float* xp = xi + tap_off[t];
+      v16 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = *reinterpret_cast<const v16u*>(xp + r * kLanes);
+      for (int j = 0; j < J; ++j) {
+        const float s = wpk[j];
+        for (int r = 0; r < R; ++r) acc[j][r] += xv[r] * s;
+      }
+    }
+  }
+
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r)
+      *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
+}
+
+template <int R>
+static inline __attribute__((always_inline)) void tile_packed_j(
+    int J, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
+    const float* wpk, float* cbuf, bool first) {
+  switch (J) {
+    case 6: tile_packed<6, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 5: tile_packed<5, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 4: tile_packed<4, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 3: tile_packed<3, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 2: tile_packed<2, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    default: tile_packed<1, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+  }
+}
+
+static inline __attribute__((always_inline)) void run_tile_packed(
+    int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off,
+    int64_t taps, const float* wpk, float* cbuf, bool first) {
+  switch (R) {
+    case 4: tile_packed_j<4>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 3: tile_packed_j<3>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 2: tile_packed_j<2>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    default: tile_packed_j<1>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+  }
+}
+
 // J in [1, kJBlock], R in [1, 4].
 template <int R>
 static inline __attribute__((always_inline)) void tile_j(

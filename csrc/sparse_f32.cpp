@@ -166,6 +166,14 @@ constexpr int64_t kMinParallelMacs = 300000;
 // 32 channels before; 8 was slower on 14x14 and 7x7).
 int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, 144 / taps); }
 
+// A sample packs its kept weights (pack_weights) when at least this many
+// wide blocks reuse them. A/B at batch 16, keep 0.5, interleaved: packed over
+// rows/static 1.18-1.34 vs 1.31-1.52 on 64x56x56 (51 blocks), 1.22 vs
+// 1.27-1.33 on 128x28x28 (14), 1.23 vs 1.29 on 64x32x32 (17); equal at 5
+// blocks (128x16x16); slower at 4 (256x14x14: 1.55-1.65 vs 1.44-1.54) and
+// at 1 (512x7x7: 2.6-3.0 vs 1.7-1.95), where the copy is not paid back.
+constexpr int64_t kPackMinBlocks = 6;
+
 // Epilogue: y = act(scale * (acc + bias)) at the valid (non-junk)
 // positions of block q0, for kept channels [j0, j1). Inlined into each
 // block_* so it is compiled for the same target.
@@ -211,7 +219,7 @@ static inline __attribute__((always_inline)) void finish_block(
 //   sum over kept inputs i, taps t of weight[out_ch[j], in_ch[i], t] * wide_i[q0 + tap_off[t] + ...],
 // then the epilogue. AVX-512 register tiles (microkernel.h), compiled for that target only.
 __attribute__((target("arch=x86-64-v4")))
-void block_avx512(const float* weight, const Geometry& g, const Wide& wd,
+void block_avx512(const float* weight, const float* wpack, const Geometry& g, const Wide& wd,
                   const SamplePlan& sp, const int64_t* out_ch, const float* scale,
                   int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n, float* cbuf) {
   const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
@@ -222,6 +230,11 @@ void block_avx512(const float* weight, const Geometry& g, const Wide& wd,
     const int64_t ci = std::min(ci_chunk, kin - c0);
     for (int64_t j = j0; j < j1; j += kJBlock) {
       const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
+      if (wpack) {
+        run_tile_packed(J, R, sp.xs.data() + c0, q0, ci, wd.tap_off.data(), taps,
+                        wpack + (j * kin + c0 * J) * taps, cbuf + (j - j0) * kQBlock, c0 == 0);
+        continue;
+      }
       const float* wrows[kJBlock];
       for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
       run_tile(J, R, sp.xs.data() + c0, q0, ci, wd.tap_off.data(), taps, wrows,
@@ -252,13 +265,34 @@ void block_generic(const float* weight, const Geometry& g, const Wide& wd,
   finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
 }
 
+// A sample's kept weights, packed per register tile of kJBlock kept output
+// channels j0..j0+J: weight (j, i, t) at dst[(j0*kin + (i*taps + t)*J + j - j0)],
+// i the kept input channel's position. Each tile then streams one contiguous
+// run per input chunk instead of J rows of scattered taps*4-byte pieces.
+void pack_weights(const float* weight, const Geometry& g, const SamplePlan& sp,
+                  const int64_t* out_ch, int64_t k, float* dst) {
+  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
+  for (int64_t j0 = 0; j0 < k; j0 += kJBlock) {
+    const int64_t J = std::min<int64_t>(kJBlock, k - j0);
+    const float* rows[kJBlock];
+    for (int64_t u = 0; u < J; ++u) rows[u] = weight + out_ch[j0 + u] * row_len;
+    float* d = dst + j0 * kin * taps;
+    for (int64_t i = 0; i < kin; ++i, d += taps * J) {  // J rows at a time: writes stay in L1
+      for (int64_t u = 0; u < J; ++u) {
+        const float* src = rows[u] + sp.in_off[i];
+        for (int64_t t = 0; t < taps; ++t) d[t * J + u] = src[t];
+      }
+    }
+  }
+}
+
 // Wide block qb of one sample, kept output channels j in [j0, j1).
-void compute_block(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
-                   const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, int64_t qb,
-                   bool relu, float* y_n, float* cbuf) {
+void compute_block(const float* weight, const float* wpack, const Geometry& g, const Wide& wd,
+                   const SamplePlan& sp, const int64_t* out_ch, const float* scale, int64_t j0,
+                   int64_t j1, int64_t qb, bool relu, float* y_n, float* cbuf) {
   const int64_t q0 = qb * kQBlock;
   if (has_avx512())
-    block_avx512(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
+    block_avx512(weight, wpack, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
   else
     block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
 }
@@ -297,15 +331,23 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
 
 // sum_i w[i] * m[i] in float64.
 __attribute__((target_clones("arch=x86-64-v4", "default")))
+// Four accumulators: one chain would wait on the add latency every step (the
+// gate of a 512-channel layer spent ~45 us a sample here with one).
 double dot_f32_f64(const float* w, const double* m, int64_t n) {
-  v8d acc = v8d{};
+  v8d acc[4] = {};
   int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int a = 0; a < 4; ++a) {
+      const v8f wv = *reinterpret_cast<const v8fu*>(w + i + 8 * a);
+      acc[a] += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i + 8 * a);
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     const v8f wv = *reinterpret_cast<const v8fu*>(w + i);
-    acc += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i);
+    acc[0] += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i);
   }
   double s = 0;
-  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (int l = 0; l < 8; ++l) s += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
   for (; i < n; ++i) s += static_cast<double>(w[i]) * m[i];
   return s;
 }
@@ -328,6 +370,7 @@ struct Workspace {
   std::vector<SamplePlan> plans;
   std::vector<std::vector<float>> cbufs;    // per worker: accumulators of one item
   std::vector<std::vector<Ranked>> orders;  // per worker: top-k work array
+  std::vector<std::vector<float>> packs;    // per worker: one sample's packed weights
   std::vector<float> ones;
 };
 
@@ -479,7 +522,12 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t cbuf_floats = !compute ? 0 : per_sample ? jblocks * kJBlock * kQBlock : cbuf_len;
   if (static_cast<int64_t>(ws.cbufs.size()) < T) ws.cbufs.resize(T);
   if (static_cast<int64_t>(ws.orders.size()) < T) ws.orders.resize(T);
+  // Samples run whole on one thread pack their kept weights once when enough
+  // blocks reuse them (see kPackMinBlocks).
+  const bool pack = per_sample && compute && has_avx512() && qblocks >= kPackMinBlocks;
+  if (static_cast<int64_t>(ws.packs.size()) < T) ws.packs.resize(T);
   for (int64_t t = 0; t < T; ++t) {
+    if (pack) grow(ws.packs[t], k * Cin * taps);
     grow(ws.cbufs[t], cbuf_floats);
     grow(ws.orders[t], gate ? Cout : 0);
   }
@@ -490,7 +538,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts;
     const int64_t qb = it % qblocks;
     const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
-    compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, j0, j1, qb, relu,
+    compute_block(wp, nullptr, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, j0, j1, qb, relu,
                   yp + n * Cout * Qout, cbuf);
   };
 
@@ -527,9 +575,14 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         plan_sample(n, order);
         for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
         if (compute) {
+          float* wpack = nullptr;
+          if (pack) {
+            wpack = ws.packs[omp_get_thread_num()].data();
+            pack_weights(wp, g, plans[n], oi + n * k, k, wpack);
+          }
           for (int64_t qb = 0; qb < qblocks; ++qb)
-            compute_block(wp, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, 0, k, qb,
-                          relu, yp + n * Cout * Qout, cbuf);
+            compute_block(wp, wpack, g, wd, plans[n], oi + n * k, os ? os + n * k : no_scale, 0,
+                          k, qb, relu, yp + n * Cout * Qout, cbuf);
         }
       }
     } else {

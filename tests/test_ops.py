@@ -663,3 +663,34 @@ def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
         x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.equal(idx, ridx)
     assert max_rel_err(y, ry) < 1e-5
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2), (1, 1, 0, 1), (3, 2, 0, 2)])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dilation,
+                                                   explicit_in_idx):
+    """Batches of a sample per thread on maps of many wide blocks pack each sample's
+    kept weights (sparse_f32.cpp, kPackMinBlocks): that path against the reference,
+    with k and kept inputs that leave partial register tiles."""
+    rng = random.Random(kernel * 100 + stride * 10 + dilation + explicit_in_idx)
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    n, cin, cout, k, size = 4, 23, 29, 13, 40
+    x = torch.randn(n, cin, size, size, generator=gen)
+    for i in range(n):
+        x[i, _sorted_subset(rng, cin, rng.randint(0, cin // 2))] = 0.0
+    in_idx = None
+    if explicit_in_idx:
+        in_idx = _idx_tensor([_sorted_subset(rng, cin, 11) for _ in range(n)], 11)
+    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=gen) / (cin * kernel) ** 0.5,
+                torch.randn(cout, generator=gen),
+                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
+                torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
+                (stride, stride), (padding, padding), (dilation, dilation), True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # N = 4 on 2 threads: each sample on one thread
+        y = dynprune.gated_conv2d(*case.args())
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_reference(y, case)
