@@ -25,36 +25,67 @@ constexpr int kLanes = 16;
 constexpr int kQBlock = 4 * kLanes;  // wide output positions per work item
 constexpr int kJBlock = 6;           // output channels per register tile
 
-// acc[J][R*16] (in `cbuf`, row stride kQBlock) += sum over i < ci, t < taps of
-//   w[j][in_off[i] + t] * xs[i][q0 + tap_off[t] + 0:R*16]
-// xs[i]: the wide-grid plane of kept input channel i. first: start from zero.
-template <int J, int R>
-static inline __attribute__((always_inline)) void tile(
-    const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
-    const float* const* wrows, const int64_t* in_off, float* __restrict cbuf, bool first) {
+// One register tile's operands. Weights come either through row pointers into
+// the original weight (wrows[j] + in_off[i] + t) or packed for this tile
+// (wpk[(i*taps + t)*J + j], see pack_weights in sparse_f32.cpp).
+struct TileArgs {
+  const float* const* xs;  // wide-grid plane of each kept input channel of the chunk
+  int64_t q0, ci;          // first wide position; input channels in the chunk
+  const int64_t* tap_off;  // wide-grid offset of each tap
+  int64_t taps;
+  int64_t row_step;        // 3x3 taps only: tap (r, s) at r * row_step + s * col_step
+  int64_t col_step;
+  const float* const* wrows;  // row-pointer weights ...
+  const int64_t* in_off;
+  const float* wpk;           // ... or packed ones
+  float* cbuf;                // accumulators, row stride kQBlock
+};
+
+// acc[J][R*16] (in cbuf) += sum over i < ci, t < taps of
+//   weight(j, i, t) * xs[i][q0 + tap_off[t] + 0:R*16]
+// first: start from zero. kPacked picks the weight source; k3x3 unrolls the
+// nine taps of a 3x3 kernel whose offsets are r * row_step + s * col_step
+// (stride 1), which leaves no address arithmetic between the FMAs.
+template <int J, int R, bool kPacked, bool k3x3>
+static inline __attribute__((always_inline)) void tile(const TileArgs& a, bool first) {
+  float* __restrict cbuf = a.cbuf;
   v16 acc[J][R];
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r)
       acc[j][r] = first ? v16{} : *reinterpret_cast<const v16u*>(cbuf + j * kQBlock + r * kLanes);
 
-  for (int64_t i = 0; i < ci; ++i) {
+  const float* wpk = a.wpk;
+  for (int64_t i = 0; i < a.ci; ++i) {
     const float* w[J];
-    for (int j = 0; j < J; ++j) w[j] = wrows[j] + in_off[i];
-    if (i + 2 < ci) {  // weights of a later channel: rows are read sparsely, so help the prefetcher
-      for (int j = 0; j < J; ++j) __builtin_prefetch(wrows[j] + in_off[i + 2]);
+    if (!kPacked) {
+      for (int j = 0; j < J; ++j) w[j] = a.wrows[j] + a.in_off[i];
+      if (i + 2 < a.ci) {  // rows are read sparsely: help the prefetcher
+        for (int j = 0; j < J; ++j) __builtin_prefetch(a.wrows[j] + a.in_off[i + 2]);
+      }
     }
-    const float* xi = xs[i] + q0;
-    // Not unrolled: 24 accumulators + 4 inputs leave no registers for a
-    // second tap in flight, and unrolling measured no faster (register moves).
-    for (int64_t t = 0; t < taps; ++t) {
-      const float* xp = xi + tap_off[t];
+    auto weight = [&](int j, int64_t t) { return kPacked ? wpk[t * J + j] : w[j][t]; };
+    auto step = [&](const float* xp, int64_t t) {
       v16 xv[R];
       for (int r = 0; r < R; ++r) xv[r] = *reinterpret_cast<const v16u*>(xp + r * kLanes);
       for (int j = 0; j < J; ++j) {
-        const float s = w[j][t];
+        const float s = weight(j, t);
         for (int r = 0; r < R; ++r) acc[j][r] += xv[r] * s;
       }
+    };
+    const float* xi = a.xs[i] + a.q0;
+    if (k3x3) {
+#pragma GCC unroll 3
+      for (int r = 0; r < 3; ++r) {
+        const float* xr = xi + r * a.row_step;
+#pragma GCC unroll 3
+        for (int c = 0; c < 3; ++c) step(xr + c * a.col_step, r * 3 + c);
+      }
+    } else {
+      // Not unrolled: 24 accumulators + 4 inputs leave no registers for a
+      // second tap in flight.
+      for (int64_t t = 0; t < a.taps; ++t) step(xi + a.tap_off[t], t);
     }
+    if (kPacked) wpk += a.taps * J;
   }
 
   for (int j = 0; j < J; ++j)
@@ -62,85 +93,38 @@ static inline __attribute__((always_inline)) void tile(
       *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
 }
 
-// The same sums with the weights packed for this tile: wpk[(i*taps + t)*J + j]
-// (see pack_weights in sparse_f32.cpp). One contiguous stream per tile instead
-// of J scattered rows, so the broadcasts hit L1 and the prefetcher keeps up.
-template <int J, int R>
-static inline __attribute__((always_inline)) void tile_packed(
-    const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
-    const float* __restrict wpk, float* __restrict cbuf, bool first) {
-  v16 acc[J][R];
-  for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r)
-      acc[j][r] = first ? v16{} : *reinterpret_cast<const v16u*>(cbuf + j * kQBlock + r * kLanes);
-
-  for (int64_t i = 0; i < ci; ++i) {
-    const float* xi = xs[i] + q0;
-    for (int64_t t = 0; t < taps; ++t, wpk += J) {
-      const float* xp = xi + tap_off[t];
-      v16 xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = *reinterpret_cast<const v16u*>(xp + r * kLanes);
-      for (int j = 0; j < J; ++j) {
-        const float s = wpk[j];
-        for (int r = 0; r < R; ++r) acc[j][r] += xv[r] * s;
-      }
-    }
-  }
-
-  for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r)
-      *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
-}
-
-template <int R>
-static inline __attribute__((always_inline)) void tile_packed_j(
-    int J, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
-    const float* wpk, float* cbuf, bool first) {
+// Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4].
+template <int R, bool kPacked, bool k3x3>
+static inline __attribute__((always_inline)) void tile_j(int J, const TileArgs& a, bool first) {
   switch (J) {
-    case 6: tile_packed<6, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 5: tile_packed<5, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 4: tile_packed<4, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 3: tile_packed<3, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 2: tile_packed<2, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    default: tile_packed<1, R>(xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 6: tile<6, R, kPacked, k3x3>(a, first); break;
+    case 5: tile<5, R, kPacked, k3x3>(a, first); break;
+    case 4: tile<4, R, kPacked, k3x3>(a, first); break;
+    case 3: tile<3, R, kPacked, k3x3>(a, first); break;
+    case 2: tile<2, R, kPacked, k3x3>(a, first); break;
+    default: tile<1, R, kPacked, k3x3>(a, first); break;
   }
 }
 
-static inline __attribute__((always_inline)) void run_tile_packed(
-    int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off,
-    int64_t taps, const float* wpk, float* cbuf, bool first) {
+template <bool kPacked, bool k3x3>
+static inline __attribute__((always_inline)) void tile_jr(int J, int R, const TileArgs& a,
+                                                          bool first) {
   switch (R) {
-    case 4: tile_packed_j<4>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 3: tile_packed_j<3>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    case 2: tile_packed_j<2>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
-    default: tile_packed_j<1>(J, xs, q0, ci, tap_off, taps, wpk, cbuf, first); break;
+    case 4: tile_j<4, kPacked, k3x3>(J, a, first); break;
+    case 3: tile_j<3, kPacked, k3x3>(J, a, first); break;
+    case 2: tile_j<2, kPacked, k3x3>(J, a, first); break;
+    default: tile_j<1, kPacked, k3x3>(J, a, first); break;
   }
 }
 
-// J in [1, kJBlock], R in [1, 4].
-template <int R>
-static inline __attribute__((always_inline)) void tile_j(
-    int J, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off, int64_t taps,
-    const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
-  switch (J) {
-    case 6: tile<6, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 5: tile<5, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 4: tile<4, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile<3, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile<2, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile<1, R>(xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-  }
-}
-
-// Runtime (J, R) -> compile-time tile.
-static inline __attribute__((always_inline)) void run_tile(
-    int J, int R, const float* const* xs, int64_t q0, int64_t ci, const int64_t* tap_off,
-    int64_t taps, const float* const* wrows, const int64_t* in_off, float* cbuf, bool first) {
-  switch (R) {
-    case 4: tile_j<4>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 3: tile_j<3>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    case 2: tile_j<2>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
-    default: tile_j<1>(J, xs, q0, ci, tap_off, taps, wrows, in_off, cbuf, first); break;
+static inline __attribute__((always_inline)) void run_tile(int J, int R, const TileArgs& a,
+                                                           bool packed, bool is3x3, bool first) {
+  if (packed) {
+    if (is3x3) tile_jr<true, true>(J, R, a, first);
+    else tile_jr<true, false>(J, R, a, first);
+  } else {
+    if (is3x3) tile_jr<false, true>(J, R, a, first);
+    else tile_jr<false, false>(J, R, a, first);
   }
 }
 

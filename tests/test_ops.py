@@ -666,7 +666,7 @@ def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
-    (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2), (1, 1, 0, 1), (3, 2, 0, 2)])
+    (3, 1, 1, 1), (3, 1, 2, 2), (3, 2, 1, 1), (5, 1, 4, 2), (1, 1, 0, 1), (3, 2, 0, 2)])
 @pytest.mark.parametrize("explicit_in_idx", [False, True])
 def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dilation,
                                                    explicit_in_idx):
