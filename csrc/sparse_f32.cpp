@@ -169,14 +169,19 @@ constexpr int64_t kMinParallelMacs = 300000;
 // while the tiles sweep it. 16 channels for 3x3 (A/B, interleaved, 4 runs:
 // 128x28x28 at batch 16 went from 1.28-1.37x the static conv to 1.26-1.28x;
 // 32 channels before; 8 was slower on 14x14 and 7x7).
-int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, 144 / taps); }
+constexpr int64_t kChunkTaps = 144;
+int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, kChunkTaps / taps); }
 
 // A sample packs its kept weights (pack_weights) when at least this many
 // wide blocks reuse them. A/B at batch 16, keep 0.5, interleaved: packed over
 // rows/static 1.18-1.34 vs 1.31-1.52 on 64x56x56 (51 blocks), 1.22 vs
 // 1.27-1.33 on 128x28x28 (14), 1.23 vs 1.29 on 64x32x32 (17); equal at 5
 // blocks (128x16x16); slower at 4 (256x14x14: 1.55-1.65 vs 1.44-1.54) and
-// at 1 (512x7x7: 2.6-3.0 vs 1.7-1.95), where the copy is not paid back.
+// at 1 (512x7x7: 2.6-3.1 vs 1.7-1.95), where the copy is not paid back.
+// (Packing each tile's chunk on the fly into an L1 buffer was slower still,
+// at both batch sizes: 512x7x7 at batch 16 2.6x static vs 1.9x, 256x14x14 at
+// batch 1 1.35x vs 1.04x. The gather is latency-bound; the row-pointer tile
+// hides the same scattered reads behind its FMAs.)
 constexpr int64_t kPackMinBlocks = 6;
 constexpr int64_t kPanelBlocks = 4;
 
@@ -218,6 +223,33 @@ static inline __attribute__((always_inline)) void finish_block(
         for (int l = 0; l < len[r]; ++l) o[l] = (a[l] + bj) * sc;
       }
     }
+  }
+}
+
+// The weights of one register tile (J rows) for ci kept input channels,
+// packed as d[(i*taps + t)*J + u] (the layout tile<..., kPacked> reads).
+static inline __attribute__((always_inline)) void pack_tile(
+    const float* const* rows, int64_t J, const int64_t* in_off, int64_t ci, int64_t taps, float* d) {
+  for (int64_t i = 0; i < ci; ++i, d += taps * J) {  // J rows at a time: writes stay in L1
+    for (int64_t u = 0; u < J; ++u) {
+      const float* src = rows[u] + in_off[i];
+      for (int64_t t = 0; t < taps; ++t) d[t * J + u] = src[t];
+    }
+  }
+}
+
+// A sample's kept weights, packed per register tile of kJBlock kept output
+// channels j0..j0+J: the tile's block starts at dst + j0*kin*taps (pack_tile
+// layout), so input chunk c0 of it at + c0*taps*J. Each tile then streams
+// one contiguous run per chunk instead of J rows of scattered taps*4-byte pieces.
+void pack_weights(const float* weight, const Geometry& g, const SamplePlan& sp,
+                  const int64_t* out_ch, int64_t k, float* dst) {
+  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
+  for (int64_t j0 = 0; j0 < k; j0 += kJBlock) {
+    const int64_t J = std::min<int64_t>(kJBlock, k - j0);
+    const float* rows[kJBlock];
+    for (int64_t u = 0; u < J; ++u) rows[u] = weight + out_ch[j0 + u] * row_len;
+    pack_tile(rows, J, sp.in_off.data(), kin, taps, dst + j0 * kin * taps);
   }
 }
 
@@ -280,27 +312,6 @@ void block_generic(const float* weight, const Geometry& g, const Wide& wd,
     }
   }
   finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
-}
-
-// A sample's kept weights, packed per register tile of kJBlock kept output
-// channels j0..j0+J: weight (j, i, t) at dst[(j0*kin + (i*taps + t)*J + j - j0)],
-// i the kept input channel's position. Each tile then streams one contiguous
-// run per input chunk instead of J rows of scattered taps*4-byte pieces.
-void pack_weights(const float* weight, const Geometry& g, const SamplePlan& sp,
-                  const int64_t* out_ch, int64_t k, float* dst) {
-  const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
-  for (int64_t j0 = 0; j0 < k; j0 += kJBlock) {
-    const int64_t J = std::min<int64_t>(kJBlock, k - j0);
-    const float* rows[kJBlock];
-    for (int64_t u = 0; u < J; ++u) rows[u] = weight + out_ch[j0 + u] * row_len;
-    float* d = dst + j0 * kin * taps;
-    for (int64_t i = 0; i < kin; ++i, d += taps * J) {  // J rows at a time: writes stay in L1
-      for (int64_t u = 0; u < J; ++u) {
-        const float* src = rows[u] + sp.in_off[i];
-        for (int64_t t = 0; t < taps; ++t) d[t * J + u] = src[t];
-      }
-    }
-  }
 }
 
 // Wide blocks [qb0, qb0 + nb) of one sample, kept output channels j in [j0, j1);
