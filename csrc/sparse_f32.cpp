@@ -336,6 +336,12 @@ typedef int v16i __attribute__((vector_size(64)));
 
 // Sum (float64) and "any non-zero" of one plane; NaN counts as non-zero, so a
 // NaN channel is kept and NaN propagates.
+// Prefetch distance of the scan, in floats (2 KB). The scan is the first read
+// of the input; planes span several 4 KB pages, at whose edges the hardware
+// prefetcher stops. A/B, interleaved: 64x56x56 at batch 16 went from 1.27-1.37x
+// the static conv to 1.19-1.29x (256 to 2048 floats alike), 128x28x28 from
+// 1.15-1.18x to 1.12-1.14x; no change on 7x7..32x32 maps.
+constexpr int64_t kScanPrefetch = 512;
 __attribute__((target_clones("arch=x86-64-v4", "default")))
 void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
   v8d s0 = v8d{}, s1 = v8d{};
@@ -343,6 +349,7 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
   const v16 zero = v16{};
   int64_t e = 0;
   for (; e + kLanes <= n; e += kLanes) {
+    __builtin_prefetch(p + e + kScanPrefetch);  // never faults, even past the end
     const v16 v = *reinterpret_cast<const v16u*>(p + e);
     s0 += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
     s1 += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
