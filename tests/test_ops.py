@@ -694,3 +694,24 @@ def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dila
     finally:
         torch.set_num_threads(before)
     assert_matches_reference(y, case)
+
+
+@pytest.mark.parametrize("pos", [0, 63, 64, 200, 255, 259])
+def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
+    """Detection reads planes 64 floats at a time: a single non-zero in any group or
+    in the tail keeps the channel; a NaN-only channel is kept too (NaN propagates);
+    -0.0 everywhere is zero."""
+    h, w = 20, 13  # 260 floats: four groups of 64 and a tail of 4
+    x = torch.zeros(1, 4, h, w)
+    x[0, 1].view(-1)[pos] = 0.5
+    x[0, 2].view(-1)[pos] = float("nan")
+    x[0, 3] = -0.0
+    weight = torch.randn(5, 4, 3, 3)
+    oi = torch.tensor([[0, 1, 2, 3, 4]])
+    case = Case(x, weight, None, oi, None, None, (1, 1), (1, 1), (1, 1), False)
+    y = dynprune.gated_conv2d(*case.args())
+    ref = dynprune.gated_conv2d_reference(*case.double_args())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.isnan(y).any()  # the NaN channel was read
+    finite = ~torch.isnan(ref)
+    assert max_rel_err(y[finite], ref[finite]) < REL_TOL_F32
