@@ -672,7 +672,8 @@ def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dila
                                                    explicit_in_idx):
     """Batches of a sample per thread on maps of many wide blocks pack each sample's
     kept weights (sparse_f32.cpp, kPackMinBlocks): that path against the reference,
-    with k and kept inputs that leave partial register tiles."""
+    with k and kept inputs that leave partial register tiles. (Packing is AVX-512
+    only; elsewhere this checks the row-pointer path on the same cases.)"""
     rng = random.Random(kernel * 100 + stride * 10 + dilation + explicit_in_idx)
     gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
     n, cin, cout, k, size = 4, 23, 29, 13, 40
