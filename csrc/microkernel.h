@@ -7,8 +7,10 @@
 //    input channels ("wide grid", see gated_conv2d.cpp): for every tap, 16
 //    consecutive wide output positions read 16 consecutive floats.
 //  * W is read through row pointers into the original [Cout, Cin, kh, kw]
-//    weight (kept output channels) and per-row offsets (kept input channels).
-// So no multiply-add ever touches a pruned channel, and no weight is gathered.
+//    weight (kept output channels) and per-row offsets (kept input channels),
+//    or, where enough pixel blocks reuse it, from a per-sample packed copy of
+//    the kept weights (pack_weights in sparse_f32.cpp).
+// So no multiply-add ever touches a pruned channel.
 //
 // GCC vector extensions: the same source compiles to AVX-512 (one register per
 // v16) or to narrower SIMD; gated_conv2d.cpp builds clones and picks at run time.
