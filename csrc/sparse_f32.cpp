@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "gated_conv2d.h"
+#include "cout_vector.h"
 #include "microkernel.h"
 
 namespace dynprune {
@@ -164,13 +165,6 @@ void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
 constexpr int64_t kSerialSetupFloats = 32768;
 constexpr int64_t kMinParallelMacs = 300000;
 
-// Input channels per reduction chunk: keeps the chunk's slice of the wide
-// buffer, and the weights every output-channel tile reads for it, in L1
-// while the tiles sweep it. 16 channels for 3x3 (A/B, interleaved, 4 runs:
-// 128x28x28 at batch 16 went from 1.28-1.37x the static conv to 1.26-1.28x;
-// 32 channels before; 8 was slower on 14x14 and 7x7).
-constexpr int64_t kChunkTaps = 144;
-int64_t channels_per_chunk(int64_t taps) { return std::max<int64_t>(1, kChunkTaps / taps); }
 
 // A sample packs its kept weights (pack_weights) when at least this many
 // wide blocks reuse them. A/B at batch 16, keep 0.5, interleaved: packed over
@@ -323,6 +317,8 @@ void compute_blocks(const float* weight, const float* wpack, bool unroll3x3, con
   for (int64_t b = 0; b < nb; ++b)
     block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, relu, y_n, cbuf);
 }
+
+// ---------------------------------------------------------------- output-channel vectors
 
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -565,9 +561,13 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     plans[n].out_kept.reserve(Cout);
     plans[n].bias_kept.reserve(k);
   }
+  // Samples run whole on one thread put output channels, not pixels, in the
+  // vector lanes where that fills more of them: small maps (cout_vector.cpp).
+  const bool cout_vec = per_sample && compute && has_avx512() && !std::getenv("DYNPRUNE_NOCV") &&
+                        cout_vector_pays(g, k, static_cast<double>(Qout) / (qblocks * kQBlock));
   // Samples run whole on one thread pack their kept weights once when enough
   // blocks reuse them (see kPackMinBlocks).
-  const bool pack = per_sample && compute && has_avx512() && qblocks >= kPackMinBlocks;
+  const bool pack = per_sample && compute && has_avx512() && qblocks >= kPackMinBlocks && !cout_vec;
   // Such a sample sweeps its blocks in panels of kPanelBlocks, each register
   // tile's weights reused across the panel from L1 (A/B at batch 16, panels
   // of 4 vs 1: 1-4% faster on six ResNet-18/VGG-16 layers).
@@ -577,12 +577,15 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // packed weights at batch 16; but 1-9% slower with row-pointer weights at
   // batch 16 (256x14x14, 512x7x7, 128x16x16), where the tap loop stays.
   const bool unroll3x3 = wd.sep3x3 && (pack || !per_sample);
-  const int64_t cbuf_floats = !compute ? 0 : per_sample ? panel * k * kQBlock : cbuf_len;
+  const int64_t cbuf_floats = !compute ? 0
+                              : cout_vec ? cout_acc_floats(g, k)
+                              : per_sample ? panel * k * kQBlock : cbuf_len;
   if (static_cast<int64_t>(ws.cbufs.size()) < T) ws.cbufs.resize(T);
   if (static_cast<int64_t>(ws.orders.size()) < T) ws.orders.resize(T);
   if (static_cast<int64_t>(ws.packs.size()) < T) ws.packs.resize(T);
   for (int64_t t = 0; t < T; ++t) {
     if (pack) grow(ws.packs[t], k * Cin * taps);
+    if (cout_vec) grow(ws.packs[t], cout_pack_floats(g, k));
     grow(ws.cbufs[t], cbuf_floats);
     grow(ws.orders[t], gate ? Cout : 0);
   }
@@ -634,7 +637,14 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
           for (int64_t c = 0; c < Cout; ++c) saliency(n * Cout + c);
         plan_sample(n, order);
         for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
-        if (compute) {
+        if (compute && cout_vec) {
+          const SamplePlan& sp = plans[n];
+          const CoutSample cs{sp.xs.data(), sp.in_off.data(), static_cast<int64_t>(sp.in_ch.size()),
+                              oi + n * k, os ? os + n * k : no_scale, sp.bias_kept.data(), k,
+                              wd.tap_off.data(), wd.Wph};
+          cout_vector_sample(wp, g, cs, relu, yp + n * Cout * Qout,
+                             ws.packs[omp_get_thread_num()].data(), cbuf);
+        } else if (compute) {
           float* wpack = nullptr;
           if (pack) {
             wpack = ws.packs[omp_get_thread_num()].data();

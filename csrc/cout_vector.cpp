@@ -1,0 +1,132 @@
+// Output-channel-vector form of the float32 sparse convolution (AVX-512).
+//
+// The pixel-vector tile (microkernel.h) wastes lanes on small maps: a 14x14
+// map fills 196 of its 256 lanes, a 9x9 map 81 of 128. Here a register holds
+// 16 kept output channels of one pixel (cout_tile.h), so every lane is a kept
+// channel but in the last 32. The price is a per-sample copy of the kept
+// weights into that layout, about 10 cycles per 16 values (a gather), paid
+// once per sample and amortised over its pixels: it is the reason this form
+// only runs where cout_vector_pays says so.
+#include "cout_vector.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cout_tile.h"
+#include "microkernel.h"
+
+namespace dynprune {
+namespace {
+
+int64_t padded_k(int64_t k) { return (k + kCoutTile - 1) / kCoutTile * kCoutTile; }
+
+// Kept inputs [i0, i1) of a sample's weights, in the tile's layout: weight
+// (out_ch[v*32 + u], in_ch[i], t) at dst[((v*(i1 - i0) + i - i0)*taps + t)*32 + u],
+// zero for u past k. Each 16 values are one gather from 16 weight rows.
+__attribute__((target("arch=x86-64-v4")))
+void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int64_t i0,
+                int64_t i1, float* dst) {
+  const int64_t taps = g.kh * g.kw, row_len = g.Cin * taps;
+  for (int64_t v = 0; v * kCoutTile < s.k; ++v) {
+    int32_t rows[kCoutTile];  // int32 offsets: cout_vector_pays bounds the weight size
+    for (int u = 0; u < kCoutTile; ++u) {
+      const int64_t j = v * kCoutTile + u;
+      rows[u] = static_cast<int32_t>(j < s.k ? s.out_ch[j] * row_len : 0);
+    }
+    const int64_t left = s.k - v * kCoutTile;
+    const __mmask16 m0 = left >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= kCoutTile ? 0xFFFF
+                         : left <= kLanes  ? 0
+                                           : static_cast<__mmask16>((1u << (left - kLanes)) - 1);
+    const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + kLanes);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* base = weight + s.in_off[i];
+      for (int64_t t = 0; t < taps; ++t, dst += kCoutTile) {
+        _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, r0, base + t, 4));
+        _mm512_storeu_ps(dst + kLanes,
+                         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, r1, base + t, 4));
+      }
+    }
+  }
+}
+
+// acc[v][pixel][0:32] (+)= the sums over kept inputs [i0, i1), for every 32
+// kept output channels v, in tiles of up to kCoutPixels pixels.
+__attribute__((target("arch=x86-64-v4")))
+void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64_t i0,
+               int64_t i1, bool first, float* acc) {
+  const int64_t taps = g.kh * g.kw, plane = g.Ho * g.Wo;
+  // Tiles: R rows of P pixels, a row split into near-equal segments.
+  const int64_t segments = (g.Wo + kCoutPixels - 1) / kCoutPixels;
+  const int64_t P = (g.Wo + segments - 1) / segments;
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.Ho, kCoutPixels / P));
+  CoutTileArgs a;
+  a.xs = s.xs + i0;
+  a.ci = i1 - i0;
+  a.tap_off = s.tap_off;
+  a.taps = taps;
+  a.row_step = s.Wph;
+  a.acc_row = g.Wo * kCoutTile;
+  for (int64_t v = 0; v * kCoutTile < s.k; ++v) {
+    a.wpk = wpack + v * (i1 - i0) * taps * kCoutTile;
+    float* acc_v = acc + v * plane * kCoutTile;
+    for (int64_t oh = 0; oh < g.Ho; oh += R) {
+      const int r = static_cast<int>(std::min(R, g.Ho - oh));
+      for (int64_t ow = 0; ow < g.Wo; ow += P) {
+        const int p = static_cast<int>(std::min(P, g.Wo - ow));
+        a.q0 = oh * s.Wph + ow;
+        a.acc = acc_v + (oh * g.Wo + ow) * kCoutTile;
+        cout_tile_fn(r, p)(a, first);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill) {
+  // Gather offsets are int32.
+  if (g.Cout * g.Cin * g.kh * g.kw >= (int64_t{1} << 31) || k == 0) return false;
+  // Where the pixel form leaves over 10% of its lanes idle, the map has 64
+  // pixels or more to pay for the packing, and kept channels fill 90% of the
+  // channel lanes. A/B at batch 16, keep 0.5, dyn/static pixel vs this form:
+  //   faster: 256x14x14 1.41 vs 1.32, 128x16x16 1.37 vs 1.26, 256x9x9 1.65
+  //     vs 1.54, 128x28x28 1.21 vs 1.18 (0.98 vs 0.90 at keep 0.75);
+  //   equal: 256x8x8 1.75 vs 1.74;
+  //   slower: 512x7x7 1.71 vs 1.86 and 512x4x4 2.85 vs 3.04 (the packing,
+  //     ~10 cycles a gather of 16 weights, outweighs 49 or 16 pixels of FMAs),
+  //     64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel form fills
+  //     96% and 94% of its lanes there), k = 16 (0.99 vs 1.53).
+  const int64_t plane = g.Ho * g.Wo;
+  return plane >= 64 && pixel_fill < 0.9 && 10 * k >= 9 * padded_k(k);
+}
+
+int64_t cout_pack_floats(const Geometry& g, int64_t k) {
+  return padded_k(k) * channels_per_chunk(g.kh * g.kw) * g.kh * g.kw;
+}
+
+int64_t cout_acc_floats(const Geometry& g, int64_t k) { return padded_k(k) * g.Ho * g.Wo; }
+
+void cout_vector_sample(const float* weight, const Geometry& g, const CoutSample& s, bool relu,
+                        float* y_n, float* pack, float* acc) {
+  const int64_t plane = g.Ho * g.Wo, chunk = channels_per_chunk(g.kh * g.kw);
+  if (s.kin == 0) std::fill_n(acc, cout_acc_floats(g, s.k), 0.f);
+  for (int64_t i0 = 0; i0 < s.kin; i0 += chunk) {
+    const int64_t i1 = std::min(s.kin, i0 + chunk);
+    pack_chunk(weight, g, s, i0, i1, pack);
+    sum_chunk(pack, g, s, i0, i1, i0 == 0, acc);
+  }
+  // Epilogue, per kept channel: its accumulators are every 32nd float.
+  for (int64_t j = 0; j < s.k; ++j) {
+    float* out = y_n + s.out_ch[j] * plane;
+    const float* src = acc + (j / kCoutTile) * plane * kCoutTile + j % kCoutTile;
+    const float sc = s.scale[j], bj = s.bias[j];
+    for (int64_t q = 0; q < plane; ++q) {
+      const float val = (src[q * kCoutTile] + bj) * sc;  // the contract's order: scale * (conv + bias)
+      out[q] = relu ? (val < 0.f ? 0.f : val) : val;   // keeps NaN, like torch.relu
+    }
+  }
+}
+
+}  // namespace dynprune
