@@ -563,7 +563,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   }
   // Samples run whole on one thread put output channels, not pixels, in the
   // vector lanes where that fills more of them: small maps (cout_vector.cpp).
-  const bool cout_vec = per_sample && compute && has_avx512() && !std::getenv("DYNPRUNE_NOCV") &&
+  const bool cout_vec = per_sample && compute && has_avx512() &&
                         cout_vector_pays(g, k, static_cast<double>(Qout) / (qblocks * kQBlock));
   // Samples run whole on one thread pack their kept weights once when enough
   // blocks reuse them (see kPackMinBlocks).

@@ -697,6 +697,46 @@ def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dila
     assert_matches_reference(y, case)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation,h,w", [
+    (3, 1, 1, 1, 14, 14), (3, 1, 1, 1, 10, 20), (3, 1, 2, 2, 12, 15), (3, 2, 1, 1, 24, 24),
+    (5, 1, 4, 2, 10, 10), (1, 1, 0, 1, 9, 9), (3, 2, 0, 2, 21, 21)])
+@pytest.mark.parametrize("k", [29, 32, 58, 64])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_output_channel_vector_form_matches_reference(kernel, stride, padding, dilation, h, w,
+                                                      k, explicit_in_idx):
+    """Batches of a sample per thread on small maps put kept output channels in the
+    vector lanes (cout_vector.cpp): these geometries leave over 10% of the pixel
+    form's lanes idle on 81..200 output pixels, with k filling >= 90% of 32-channel
+    tiles, so that form runs here on AVX-512 CPUs (elsewhere this checks the pixel
+    form). Rows split into segments (Wo = 15, 20), partial channel tiles (k = 29,
+    58), stride, dilation, 1x1 and 5x5."""
+    rng = random.Random(hash((kernel, stride, padding, dilation, h, w, k, explicit_in_idx)) % 2**31)
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    n, cin, cout = 4, 37, 70
+    x = torch.randn(n, cin, h, w, generator=gen)
+    for i in range(n):
+        x[i, _sorted_subset(rng, cin, rng.randint(0, cin // 2))] = 0.0
+    in_idx = None
+    if explicit_in_idx:
+        in_idx = _idx_tensor([_sorted_subset(rng, cin, 19) for _ in range(n)], 19)
+    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=gen) / (cin * kernel) ** 0.5,
+                torch.randn(cout, generator=gen),
+                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
+                torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
+                (stride, stride), (padding, padding), (dilation, dilation), rng.random() < 0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # N = 4 on 2 threads: each sample on one thread
+        y = dynprune.gated_conv2d(*case.args())
+        # No kept input channel at all: bias and scale only.
+        empty = Case(*case.args()[:5], torch.zeros(n, 0, dtype=torch.long), *case.args()[6:])
+        y_empty = dynprune.gated_conv2d(*empty.args())
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_reference(y, case)
+    assert_matches_reference(y_empty, empty)
+
+
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 255, 259])
 def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
     """Detection reads planes 64 floats at a time: a single non-zero in any group or
