@@ -639,6 +639,7 @@ def test_thread_counts_give_the_same_result(threads, seed):
 @pytest.mark.parametrize("cin,cout,k,size", [
     (6, 8, 3, 5),      # set-up and GEMM on the calling thread
     (16, 32, 24, 24),  # set-up on the calling thread, GEMM across threads
+    (256, 300, 150, 4),  # the same, but a gate of over 64k multiply-adds across threads
     (40, 24, 12, 32),  # every phase across threads (input over 32k floats)
 ])
 def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
