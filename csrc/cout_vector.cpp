@@ -21,14 +21,14 @@ namespace {
 
 int64_t padded_k(int64_t k) { return (k + kCoutTile - 1) / kCoutTile * kCoutTile; }
 
-// Kept inputs [i0, i1) of a sample's weights, in the tile's layout: weight
-// (out_ch[v*32 + u], in_ch[i], t) at dst[((v*(i1 - i0) + i - i0)*taps + t)*32 + u],
-// zero for u past k. Each 16 values are one gather from 16 weight rows.
+// Kept inputs [i0, i1) of a sample's weights for channel tiles [v0, v1), in
+// the tile's layout: weight (out_ch[v*32 + u], in_ch[i], t) at
+// dst[(((v - v0)*(i1 - i0) + i - i0)*taps + t)*32 + u], zero for u past k. Each 16 values are one gather from 16 weight rows.
 __attribute__((target("arch=x86-64-v4")))
-void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int64_t i0,
-                int64_t i1, float* dst) {
+void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
+                int64_t v1, int64_t i0, int64_t i1, float* dst) {
   const int64_t taps = g.kh * g.kw, row_len = g.Cin * taps;
-  for (int64_t v = 0; v * kCoutTile < s.k; ++v) {
+  for (int64_t v = v0; v < v1; ++v) {
     int32_t rows[kCoutTile];  // int32 offsets: cout_vector_pays bounds the weight size
     for (int u = 0; u < kCoutTile; ++u) {
       const int64_t j = v * kCoutTile + u;
@@ -51,11 +51,11 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
   }
 }
 
-// acc[v][pixel][0:32] (+)= the sums over kept inputs [i0, i1), for every 32
-// kept output channels v, in tiles of up to kCoutPixels pixels.
+// acc[v - v0][pixel][0:32] (+)= the sums over kept inputs [i0, i1), for
+// channel tiles v in [v0, v1), in tiles of up to kCoutPixels pixels.
 __attribute__((target("arch=x86-64-v4")))
-void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64_t i0,
-               int64_t i1, bool first, float* acc) {
+void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64_t v0,
+               int64_t v1, int64_t i0, int64_t i1, bool first, float* acc) {
   const int64_t taps = g.kh * g.kw, plane = g.Ho * g.Wo;
   // Tiles: R rows of P pixels, a row split into near-equal segments.
   const int64_t segments = (g.Wo + kCoutPixels - 1) / kCoutPixels;
@@ -68,9 +68,9 @@ void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64
   a.taps = taps;
   a.row_step = s.Wph;
   a.acc_row = g.Wo * kCoutTile;
-  for (int64_t v = 0; v * kCoutTile < s.k; ++v) {
-    a.wpk = wpack + v * (i1 - i0) * taps * kCoutTile;
-    float* acc_v = acc + v * plane * kCoutTile;
+  for (int64_t v = v0; v < v1; ++v) {
+    a.wpk = wpack + (v - v0) * (i1 - i0) * taps * kCoutTile;
+    float* acc_v = acc + (v - v0) * plane * kCoutTile;
     for (int64_t oh = 0; oh < g.Ho; oh += R) {
       const int r = static_cast<int>(std::min(R, g.Ho - oh));
       for (int64_t ow = 0; ow < g.Wo; ow += P) {
@@ -88,18 +88,21 @@ void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64
 bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill) {
   // Gather offsets are int32.
   if (g.Cout * g.Cin * g.kh * g.kw >= (int64_t{1} << 31) || k == 0) return false;
-  // Where the pixel form leaves over 10% of its lanes idle, the map has 64
+  // Where the pixel form leaves over 10% of its lanes idle, the map has 81
   // pixels or more to pay for the packing, and kept channels fill 90% of the
-  // channel lanes. A/B at batch 16, keep 0.5, dyn/static pixel vs this form:
-  //   faster: 256x14x14 1.41 vs 1.32, 128x16x16 1.37 vs 1.26, 256x9x9 1.65
-  //     vs 1.54, 128x28x28 1.21 vs 1.18 (0.98 vs 0.90 at keep 0.75);
-  //   equal: 256x8x8 1.75 vs 1.74;
-  //   slower: 512x7x7 1.71 vs 1.86 and 512x4x4 2.85 vs 3.04 (the packing,
-  //     ~10 cycles a gather of 16 weights, outweighs 49 or 16 pixels of FMAs),
-  //     64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel form fills
-  //     96% and 94% of its lanes there), k = 16 (0.99 vs 1.53).
+  // channel lanes. A/B (interleaved, keep 0.5), dyn/static, pixel form vs this:
+  //   batch 16, faster: 256x14x14 1.41 vs 1.32, 128x16x16 1.37 vs 1.26,
+  //     256x9x9 1.65 vs 1.54, 128x28x28 1.21 vs 1.18 (0.98 vs 0.90 at keep 0.75);
+  //   batch 1, faster: 256x14x14 1.02 vs 0.90, 128x28x28 0.94 vs 0.87,
+  //     128x16x16 1.04 vs 0.84, 256x9x9 1.03 vs 0.86;
+  //   equal: 256x8x8 1.75 vs 1.74 (batch 16), 0.95 vs 0.92 (batch 1), and
+  //     slower in VGG-16 at batch 1 (268 vs 256 us a layer), hence 81 pixels;
+  //   slower: 512x7x7 1.71 vs 1.86 and 512x4x4 2.85 vs 3.04 at batch 16 (the
+  //     packing, ~10 cycles a gather of 16 weights, outweighs 49 or 16 pixels
+  //     of FMAs), 64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel
+  //     form fills 96% and 94% of its lanes there), k = 16 (0.99 vs 1.53).
   const int64_t plane = g.Ho * g.Wo;
-  return plane >= 64 && pixel_fill < 0.9 && 10 * k >= 9 * padded_k(k);
+  return plane >= 81 && pixel_fill < 0.9 && 10 * k >= 9 * padded_k(k);
 }
 
 int64_t cout_pack_floats(const Geometry& g, int64_t k) {
@@ -108,19 +111,21 @@ int64_t cout_pack_floats(const Geometry& g, int64_t k) {
 
 int64_t cout_acc_floats(const Geometry& g, int64_t k) { return padded_k(k) * g.Ho * g.Wo; }
 
-void cout_vector_sample(const float* weight, const Geometry& g, const CoutSample& s, bool relu,
-                        float* y_n, float* pack, float* acc) {
+int64_t cout_tiles(int64_t k) { return padded_k(k) / kCoutTile; }
+
+void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
+                       int64_t v1, bool relu, float* y_n, float* pack, float* acc) {
   const int64_t plane = g.Ho * g.Wo, chunk = channels_per_chunk(g.kh * g.kw);
-  if (s.kin == 0) std::fill_n(acc, cout_acc_floats(g, s.k), 0.f);
+  if (s.kin == 0) std::fill_n(acc, (v1 - v0) * kCoutTile * plane, 0.f);
   for (int64_t i0 = 0; i0 < s.kin; i0 += chunk) {
     const int64_t i1 = std::min(s.kin, i0 + chunk);
-    pack_chunk(weight, g, s, i0, i1, pack);
-    sum_chunk(pack, g, s, i0, i1, i0 == 0, acc);
+    pack_chunk(weight, g, s, v0, v1, i0, i1, pack);
+    sum_chunk(pack, g, s, v0, v1, i0, i1, i0 == 0, acc);
   }
   // Epilogue, per kept channel: its accumulators are every 32nd float.
-  for (int64_t j = 0; j < s.k; ++j) {
+  for (int64_t j = v0 * kCoutTile; j < std::min(s.k, v1 * kCoutTile); ++j) {
     float* out = y_n + s.out_ch[j] * plane;
-    const float* src = acc + (j / kCoutTile) * plane * kCoutTile + j % kCoutTile;
+    const float* src = acc + (j / kCoutTile - v0) * plane * kCoutTile + j % kCoutTile;
     const float sc = s.scale[j], bj = s.bias[j];
     for (int64_t q = 0; q < plane; ++q) {
       const float val = (src[q * kCoutTile] + bj) * sc;  // the contract's order: scale * (conv + bias)

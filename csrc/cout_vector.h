@@ -26,13 +26,18 @@ struct CoutSample {
 // share of useful lanes in the pixel-vector form (pixel_fill, in (0, 1]).
 bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill);
 
-// Scratch per worker, in floats: packed weights, accumulators.
+// Tiles of 32 kept output channels: ceil(k / 32).
+int64_t cout_tiles(int64_t k);
+
+// Scratch per worker, in floats, for all tiles of a sample: packed weights,
+// accumulators (fewer tiles need proportionally less).
 int64_t cout_pack_floats(const Geometry& g, int64_t k);
 int64_t cout_acc_floats(const Geometry& g, int64_t k);
 
-// y_n[out_ch[j]] = act(scale[j] * (conv + bias[j])) for the kept channels of
-// one sample (the pruned ones are left alone). Requires AVX-512.
-void cout_vector_sample(const float* weight, const Geometry& g, const CoutSample& s, bool relu,
-                        float* y_n, float* pack, float* acc);
+// y_n[out_ch[j]] = act(scale[j] * (conv + bias[j])) for the kept channels j of
+// tiles [v0, v1) of one sample (j in [32*v0, 32*v1) and < k); the pruned
+// channels are left alone. Requires AVX-512.
+void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
+                       int64_t v1, bool relu, float* y_n, float* pack, float* acc);
 
 }  // namespace dynprune

@@ -698,9 +698,44 @@ def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dila
     assert_matches_reference(y, case)
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation,h,w", [
+def _check_cout_form(kernel, stride, padding, dilation, h, w, n, cin, k, explicit_in_idx,
+                     threads=2):
+    """One gated_conv2d call against the reference, and the same call with no kept
+    input channel (bias and scale only)."""
+    rng = random.Random(hash((kernel, stride, padding, dilation, h, w, n, cin, k,
+                              explicit_in_idx)) % 2**31)
+    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    cout = 130
+    x = torch.randn(n, cin, h, w, generator=gen)
+    for i in range(n):
+        x[i, _sorted_subset(rng, cin, rng.randint(0, cin // 2))] = 0.0
+    in_idx = None
+    if explicit_in_idx:
+        kin = rng.randint(1, cin)
+        in_idx = _idx_tensor([_sorted_subset(rng, cin, kin) for _ in range(n)], kin)
+    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=gen) / (cin * kernel) ** 0.5,
+                torch.randn(cout, generator=gen),
+                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
+                torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
+                (stride, stride), (padding, padding), (dilation, dilation), rng.random() < 0.5)
+    empty = Case(*case.args()[:5], torch.zeros(n, 0, dtype=torch.long), *case.args()[6:])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = dynprune.gated_conv2d(*case.args())
+        y_empty = dynprune.gated_conv2d(*empty.args())
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_reference(y, case)
+    assert_matches_reference(y_empty, empty)
+
+
+COUT_FORM_GEOMETRIES = [  # kernel, stride, padding, dilation, H, W
     (3, 1, 1, 1, 14, 14), (3, 1, 1, 1, 10, 20), (3, 1, 2, 2, 12, 15), (3, 2, 1, 1, 24, 24),
-    (5, 1, 4, 2, 10, 10), (1, 1, 0, 1, 9, 9), (3, 2, 0, 2, 21, 21)])
+    (5, 1, 4, 2, 10, 10), (1, 1, 0, 1, 9, 9), (3, 2, 0, 2, 21, 21)]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,h,w", COUT_FORM_GEOMETRIES)
 @pytest.mark.parametrize("k", [29, 32, 58, 64])
 @pytest.mark.parametrize("explicit_in_idx", [False, True])
 def test_output_channel_vector_form_matches_reference(kernel, stride, padding, dilation, h, w,
@@ -710,32 +745,19 @@ def test_output_channel_vector_form_matches_reference(kernel, stride, padding, d
     form's lanes idle on 81..200 output pixels, with k filling >= 90% of 32-channel
     tiles, so that form runs here on AVX-512 CPUs (elsewhere this checks the pixel
     form). Rows split into segments (Wo = 15, 20), partial channel tiles (k = 29,
-    58), stride, dilation, 1x1 and 5x5."""
-    rng = random.Random(hash((kernel, stride, padding, dilation, h, w, k, explicit_in_idx)) % 2**31)
-    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
-    n, cin, cout = 4, 37, 70
-    x = torch.randn(n, cin, h, w, generator=gen)
-    for i in range(n):
-        x[i, _sorted_subset(rng, cin, rng.randint(0, cin // 2))] = 0.0
-    in_idx = None
-    if explicit_in_idx:
-        in_idx = _idx_tensor([_sorted_subset(rng, cin, 19) for _ in range(n)], 19)
-    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=gen) / (cin * kernel) ** 0.5,
-                torch.randn(cout, generator=gen),
-                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
-                torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
-                (stride, stride), (padding, padding), (dilation, dilation), rng.random() < 0.5)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # N = 4 on 2 threads: each sample on one thread
-        y = dynprune.gated_conv2d(*case.args())
-        # No kept input channel at all: bias and scale only.
-        empty = Case(*case.args()[:5], torch.zeros(n, 0, dtype=torch.long), *case.args()[6:])
-        y_empty = dynprune.gated_conv2d(*empty.args())
-    finally:
-        torch.set_num_threads(before)
-    assert_matches_reference(y, case)
-    assert_matches_reference(y_empty, empty)
+    58), stride, dilation, 1x1 and 5x5. N = 4 on 2 threads: a sample per thread."""
+    _check_cout_form(kernel, stride, padding, dilation, h, w, 4, 37, k, explicit_in_idx)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,h,w", COUT_FORM_GEOMETRIES)
+@pytest.mark.parametrize("n,cin,k", [(1, 37, 58), (1, 37, 120), (3, 37, 64), (1, 6, 64)])
+def test_output_channel_vector_items_match_reference(kernel, stride, padding, dilation, h, w,
+                                                     n, cin, k):
+    """Smaller batches run the same form as one work item per (sample, 32 kept
+    channels), where those items split evenly over the threads: 2, 4 and 6 items
+    on 2 threads; (1, 6, 64) runs on the calling thread where its GEMM is under
+    300k multiply-adds."""
+    _check_cout_form(kernel, stride, padding, dilation, h, w, n, cin, k, True)
 
 
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 255, 259])
