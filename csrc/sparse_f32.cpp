@@ -269,6 +269,7 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
     a.xs = sp.xs.data() + c0;
     a.ci = std::min(ci_chunk, kin - c0);
     a.in_off = sp.in_off.data() + c0;
+    a.ci_left = kin - c0;
     for (int64_t j = j0; j < j1; j += kJBlock) {
       const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
       const float* wrows[kJBlock];
