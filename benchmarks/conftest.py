@@ -19,6 +19,12 @@ from dynprune.bench import format_model_rows, format_rows, model_rows, ratio_row
 RESULTS = Path(__file__).parent / "results"
 MEDIANS = {}
 MODEL_MEDIANS, MODEL_INFOS = {}, {}
+SUBSET = []  # set when -k/-m deselected cases: the results of a full run stay as they are
+
+
+def pytest_deselected(items):
+    if items:
+        SUBSET.append(True)
 
 
 def pytest_configure(config):
@@ -71,6 +77,9 @@ def _write(terminalreporter, stem: str, title: str, table: str, rows) -> None:
     terminalreporter.write_line("")
     terminalreporter.write_line(f"{title}, {head}")
     terminalreporter.write_line(table)
+    if SUBSET:
+        terminalreporter.write_line(f"(a subset of the cases ran: {RESULTS / stem}.* not written)")
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     (RESULTS / f"{stem}.md").write_text(
