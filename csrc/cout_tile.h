@@ -5,7 +5,7 @@
 // register; on a 7x7 map that is 4 vectors for 49 pixels (23% junk lanes),
 // and its weights are scalars broadcast one by one. Here a register holds 16
 // kept output channels of one pixel instead: the weights are vectors, packed
-// per sample (pack_kept_columns in sparse_f32.cpp), the inputs are broadcast,
+// per sample (pack_chunk in cout_vector.cpp), the inputs are broadcast,
 // and no lane is junk except the padding of the last 32 kept channels.
 #pragma once
 
