@@ -31,7 +31,8 @@ int64_t padded_k(int64_t k) { return (k + kCoutTile - 1) / kCoutTile * kCoutTile
 
 // Kept inputs [i0, i1) of a sample's weights for channel tiles [v0, v1), in
 // the tile's layout: weight (out_ch[v*32 + u], in_ch[i], t) at
-// dst[(((v - v0)*(i1 - i0) + i - i0)*taps + t)*32 + u], zero for u past k. Each 16 values are one gather from 16 weight rows.
+// dst[(((v - v0)*(i1 - i0) + i - i0)*taps + t)*32 + u], zero for u past k.
+// Each 16 values are one gather from 16 weight rows.
 __attribute__((target("arch=x86-64-v4")))
 void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
                 int64_t v1, int64_t i0, int64_t i1, float* dst) {
@@ -140,10 +141,7 @@ void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample&
     float* out = y_n + s.out_ch[j] * plane;
     const float* src = acc + (j / kCoutTile - v0) * plane * kCoutTile + j % kCoutTile;
     const float sc = s.scale[j], bj = s.bias[j];
-    for (int64_t q = 0; q < plane; ++q) {
-      const float val = (src[q * kCoutTile] + bj) * sc;  // the contract's order: scale * (conv + bias)
-      out[q] = relu ? (val < 0.f ? 0.f : val) : val;   // keeps NaN, like torch.relu
-    }
+    for (int64_t q = 0; q < plane; ++q) out[q] = finish_value(src[q * kCoutTile], bj, sc, relu);
   }
 }
 

@@ -4,7 +4,7 @@
 // k = kept output channels, K = kept input channels x taps, Q = output pixels.
 // Neither operand is copied per output channel:
 //  * X is read straight from a zero-padded, stride-phase-split copy of the kept
-//    input channels ("wide grid", see gated_conv2d.cpp): for every tap, 16
+//    input channels ("wide grid", see sparse_f32.cpp): for every tap, 16
 //    consecutive wide output positions read 16 consecutive floats.
 //  * W is read through row pointers into the original [Cout, Cin, kh, kw]
 //    weight (kept output channels) and per-row offsets (kept input channels),
@@ -43,6 +43,15 @@ inline int64_t channels_per_chunk(int64_t taps) { return kChunkTaps / taps > 1 ?
 // 1.20 -> 1.09, 512x2x2 1.08 -> 1.03, 64x56x56 batch 1 0.93 -> 0.90 (12 ahead:
 // within 3% of 8). Without the dense calls in between it made no difference.
 constexpr int64_t kRowPrefetch = 8;
+
+// The epilogue of one output value, shared by both tile forms:
+// act(scale * (conv + bias)), the op contract's order; ReLU keeps NaN, like
+// torch.relu.
+static inline __attribute__((always_inline)) float finish_value(float conv, float bias,
+                                                                float scale, bool relu) {
+  const float v = (conv + bias) * scale;
+  return relu && v < 0.f ? 0.f : v;
+}
 
 // One register tile's operands. Weights come either through row pointers into
 // the original weight (wrows[j] + in_off[i] + t) or packed for this tile

@@ -213,13 +213,10 @@ static inline __attribute__((always_inline)) void finish_block(
     for (int r = 0; r < runs; ++r) {
       const float* a = acc + lane[r];
       float* o = out + dst[r];
-      if (relu) {
-        for (int l = 0; l < len[r]; ++l) {
-          const float v = (a[l] + bj) * sc;  // the contract's order: scale * (conv + bias)
-          o[l] = v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
-        }
+      if (relu) {  // two loops: the test stays out of the inner one
+        for (int l = 0; l < len[r]; ++l) o[l] = finish_value(a[l], bj, sc, true);
       } else {
-        for (int l = 0; l < len[r]; ++l) o[l] = (a[l] + bj) * sc;
+        for (int l = 0; l < len[r]; ++l) o[l] = finish_value(a[l], bj, sc, false);
       }
     }
   }
@@ -323,8 +320,6 @@ void compute_blocks(const float* weight, const float* wpack, bool unroll3x3, con
   for (int64_t b = 0; b < nb; ++b)
     block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, relu, y_n, cbuf);
 }
-
-// ---------------------------------------------------------------- output-channel vectors
 
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
