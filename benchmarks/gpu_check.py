@@ -5,7 +5,10 @@
 1. Correctness at real sizes: the Triton kernel against the reference op
    (computed in float64 from the same rounded inputs), float32 (TF32),
    float16 and bfloat16, random per-sample kept sets and zero input channels.
-2. Speed (triton.testing.do_bench: CUDA events, medians), per layer, batch 1
+2. A converted ResNet-18 on the GPU against the same model on the CPU, with
+   torch.cuda.set_sync_debug_mode("error") around its forward pass: the CUDA
+   path must not synchronise with the host.
+3. Speed (triton.testing.do_bench: CUDA events, medians), per layer, batch 1
    and 64, float16 and float32 (cuDNN may use TF32, as the kernel does):
      dense    cuDNN conv of the full layer
      static   cuDNN conv of the kept size (the physical limit)
@@ -89,6 +92,39 @@ def check_correctness(gen, layers=LAYERS[:4] + LAYERS[7:9]) -> bool:
     return ok
 
 
+def check_model(batch: int = 4) -> bool:
+    """A converted ResNet-18 runs on the GPU through the registered Triton op,
+    with no host synchronisation, and matches the same model on the CPU."""
+    import dynprune
+    from dynprune.models import resnet18
+
+    torch.manual_seed(0)
+    model = dynprune.convert(resnet18(num_classes=10), keep_ratio=0.5).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x).double()
+        model_gpu = model.to(DEV)
+        xg = x.to(DEV)
+        model_gpu(xg)  # tune and compile first: autotuning itself synchronises
+        torch.cuda.synchronize()
+        synced = None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = model_gpu(xg)
+        except RuntimeError as exc:  # a host synchronisation in the forward pass
+            synced = str(exc).splitlines()[0]
+            torch.cuda.set_sync_debug_mode("default")
+            y = model_gpu(xg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    err = float((y.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+    good = err < 2e-2 and synced is None
+    print(f"model: converted ResNet-18 (keep 0.5) on {DEV} vs CPU, batch {batch}: "
+          f"max-normalised error {err:.2e}; host sync in forward: {synced or 'none'} "
+          f"{'ok' if good else 'FAIL'}  backends {dynprune.backends()}")
+    return good
+
+
 def bench(fn, graph: bool) -> float:
     fn()  # autotune and compile outside the timed region (and the graph capture)
     torch.cuda.synchronize()
@@ -167,6 +203,11 @@ def main() -> int:
     if not check_correctness(gen):
         print("gpu_check: correctness FAILED; not timing", file=sys.stderr)
         return 1
+    try:
+        model_ok = check_model()
+    except Exception as exc:  # report it, and still time the layers
+        print(f"model: FAIL ({type(exc).__name__}: {exc})")
+        model_ok = False
     print(f"timing ({time.time() - t0:.0f} s so far)")
     layers = LAYERS[:4] if args.quick else LAYERS
     dtypes = (torch.float16,) if args.quick else (torch.float16, torch.float32)
@@ -181,7 +222,7 @@ def main() -> int:
     (out / f"{stem}.md").write_text(table)
     print(table)
     print(f"wrote {out / stem}.json and .md in {time.time() - t0:.0f} s")
-    return 0
+    return 0 if model_ok else 1
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ Triton's interpreter; the tests use that.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 __all__ = ["SUPPORTED_DTYPES", "active_channels", "gated_conv2d_triton", "dynamic_conv2d_triton"]
 
@@ -38,21 +40,50 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs():
-    if _INTERPRET:  # the interpreter runs every config it is given: keep one
+    # The interpreter runs every config it is given: keep one. So does
+    # DYNPRUNE_TRITON_AUTOTUNE=0, for runs of many shapes where tuning costs more
+    # than it gains (tests on a GPU).
+    if _INTERPRET or os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
         for bp, bco, bci, w, s in [
-            (64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-            (64, 64, 64, 4, 2), (32, 64, 32, 4, 3), (128, 32, 16, 4, 4), (16, 64, 64, 4, 2),
-            (16, 32, 32, 2, 3), (32, 32, 32, 4, 3),  # small maps at batch 1: more programs
+            (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (64, 32, 64, 4, 3),
+            (128, 128, 32, 8, 3), (32, 64, 32, 4, 3), (16, 32, 64, 4, 3),  # small maps: more programs
         ]
     ]
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the layer: a 64-channel tile for 32 kept
+    channels, or 128 pixels for a 7x7 map, only wastes lanes and tuning time."""
+    k, hw = named_args["K_OUT"], named_args["HW_OUT"]
+    fits = [c for c in configs
+            if c.kwargs["BLOCK_CO"] <= max(16, triton.next_power_of_2(k))
+            and c.kwargs["BLOCK_P"] <= max(16, triton.next_power_of_2(hw))]
+    return fits or configs[-1:]
+
+
+def _quick_bench(kernel_call, quantiles):
+    # Tuning needs a ranking, not a precise time: short runs keep a first call
+    # on a new shape well under a second.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# Sizes and strides change with every layer; specialising on them (divisible by
+# 16 or not) would compile each config again per layer for no gain, since all
+# loads here are gathers through index lists.
+_INT_ARGS = ["N", "Cin", "H", "W", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN",
+             "sxn", "sxc", "sxh", "sxw", "swo", "swi", "swh", "sww", "syn", "syc", "syh", "syw",
+             "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+_TUNE_OPTIONS = {} if _INTERPRET else {"prune_configs_by": {"early_config_prune": _prune_configs}}
+if not _INTERPRET and "do_bench" in inspect.signature(triton.autotune).parameters:
+    _TUNE_OPTIONS["do_bench"] = _quick_bench
+
+
 @triton.autotune(configs=_configs(), key=["N", "Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW",
-                                          "stride_h", "IS_FP32"])
-@triton.jit
+                                          "stride_h", "IS_FP32"], **_TUNE_OPTIONS)
+@triton.jit(do_not_specialize=_INT_ARGS)
 def _gated_conv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr,
     N, Cin, H, W, Cout, Wo, HW_OUT, K_OUT, ACT_LEN,
