@@ -45,7 +45,6 @@ __all__ = ["SUPPORTED_DTYPES", "active_channels", "gated_conv2d_triton", "dynami
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_MAX_SPLIT = 16
 
 
 def _configs():
@@ -53,12 +52,12 @@ def _configs():
     # DYNPRUNE_TRITON_AUTOTUNE=0, for runs of many shapes where tuning costs more
     # than it gains (tests on a GPU).
     if _INTERPRET or os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_CO": 16, "BLOCK_P": 32, "BLOCK_CI": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_CO": bco, "BLOCK_P": bp, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
-        for bco, bp, bci, w, s in [
-            (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-            (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 64, 4, 2),
+        triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
+        for bp, bco, bci, w, s in [
+            (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (64, 32, 64, 4, 3),
+            (128, 128, 32, 8, 3), (32, 64, 32, 4, 3), (16, 32, 64, 4, 3),  # small maps: more programs
         ]
     ]
 
@@ -69,7 +68,7 @@ def _prune_configs(configs, named_args, **kwargs):
     k, hw = named_args["K_OUT"], named_args["HW_OUT"]
     fits = [c for c in configs
             if c.kwargs["BLOCK_CO"] <= max(16, triton.next_power_of_2(k))
-            and c.kwargs["BLOCK_P"] <= max(32, triton.next_power_of_2(hw))]
+            and c.kwargs["BLOCK_P"] <= max(16, triton.next_power_of_2(hw))]
     return fits or configs[-1:]
 
 
@@ -90,8 +89,8 @@ if not _INTERPRET:
         _TUNE_OPTIONS["do_bench"] = _quick_bench
 
 
-@triton.autotune(configs=_configs(), key=["Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW", "SPLIT",
-                                          "stride_h", "N"], **_TUNE_OPTIONS)
+@triton.autotune(configs=_configs(), key=["N", "Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW",
+                                          "SPLIT", "stride_h"], **_TUNE_OPTIONS)
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _gated_conv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr,
@@ -100,7 +99,7 @@ def _gated_conv_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SPLIT: tl.constexpr, COUNT_GIVEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
     IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -122,54 +121,49 @@ def _gated_conv_kernel(
         count = tl.load(count_ptr + n)
 
     hw_in = H * W
-    taps_cin = KH * KW * Cin
     x_n = x_ptr + n.to(tl.int64) * Cin * hw_in  # 64-bit base; offsets inside a sample are 32-bit
-    w_rows = w_ptr + co[:, None] * taps_cin  # [BLOCK_CO, 1]
+    w_rows = w_ptr + co[:, None] * (KH * KW * Cin)  # [BLOCK_CO, 1]
     act_n = act_ptr + n * ACT_LEN
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    for r in tl.static_range(KH):
+        for s in tl.static_range(KW):
+            if (r * KW + s) % SPLIT == part:  # a split reduction: this program's taps
+                ih = oh * stride_h - pad_h + r * dil_h
+                iw = ow * stride_w - pad_w + s * dil_w
+                pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_off = ih * W + iw
+                for i0 in range(0, count, BLOCK_CI):
+                    i = i0 + tl.arange(0, BLOCK_CI)
+                    i_ok = i < count
+                    ci = tl.load(act_n + i, mask=i_ok, other=0).to(tl.int32)
+                    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+                    # Loaded with pixels (x) and input channels (weight) along the
+                    # fastest axis, so a warp reads runs of addresses; transposed
+                    # for the dot, whose M is the pixels.
+                    xv = tl.trans(tl.load(x_n + ci[:, None] * hw_in + x_off[None, :],
+                                          mask=i_ok[:, None] & pix_ok[None, :], other=0.0))
+                    wv = tl.trans(tl.load(w_rows + (r * KW + s) * Cin + ci[None, :],
+                                          mask=j_ok[:, None] & i_ok[None, :], other=0.0))
+                    if IS_FP32:
+                        acc += tl.dot(xv, wv, input_precision=PRECISION)
+                    elif UPCAST:  # Triton's CPU interpreter has no bfloat16 dot
+                        acc += tl.dot(xv.to(tl.float32), wv.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(xv, wv)
 
-    # One flat loop over (tap, block of active input channels) so the
-    # pipeliner overlaps loads across tap boundaries; SPLIT programs share it.
-    blocks = tl.cdiv(count, BLOCK_CI)
-    steps = KH * KW * blocks
-    per_part = tl.cdiv(steps, SPLIT)
-    first = part * per_part
-    last = tl.minimum(first + per_part, steps)
-    acc = tl.zeros([BLOCK_CO, BLOCK_P], dtype=tl.float32)
-    for step in range(first, last):
-        tap = step // blocks
-        i0 = (step - tap * blocks) * BLOCK_CI
-        r = tap // KW
-        s = tap - r * KW
-        ih = oh * stride_h - pad_h + r * dil_h
-        iw = ow * stride_w - pad_w + s * dil_w
-        pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        i = i0 + tl.arange(0, BLOCK_CI)
-        i_ok = i < count
-        ci = tl.load(act_n + i, mask=i_ok, other=0).to(tl.int32)
-        ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
-        xv = tl.load(x_n + ci[:, None] * hw_in + (ih * W + iw)[None, :],
-                     mask=i_ok[:, None] & pix_ok[None, :], other=0.0)  # [BLOCK_CI, BLOCK_P]
-        wv = tl.load(w_rows + tap * Cin + ci[None, :], mask=j_ok[:, None] & i_ok[None, :],
-                     other=0.0)  # [BLOCK_CO, BLOCK_CI]
-        if IS_FP32:
-            acc += tl.dot(wv, xv, input_precision=PRECISION)
-        elif UPCAST:  # Triton's CPU interpreter has no bfloat16 dot
-            acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(wv, xv)
-
+    out = tl.trans(acc)  # [BLOCK_CO, BLOCK_P]: stores run along the pixels
     mask = j_ok[:, None] & p_ok[None, :]
     if SPLIT > 1:  # raw partial sums; _finish_kernel applies the epilogue
-        tl.atomic_add(ws_ptr + (n * K_OUT + j)[:, None] * HW_OUT + p[None, :], acc, mask=mask)
+        tl.atomic_add(ws_ptr + (n * K_OUT + j)[:, None] * HW_OUT + p[None, :], out, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + co, mask=j_ok, other=0.0).to(tl.float32)[:, None]
+            out += tl.load(b_ptr + co, mask=j_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_SCALE:  # the contract's order: scale * (conv + bias)
-            acc *= tl.load(scale_ptr + n * K_OUT + j, mask=j_ok, other=0.0).to(tl.float32)[:, None]
+            out *= tl.load(scale_ptr + n * K_OUT + j, mask=j_ok, other=0.0).to(tl.float32)[:, None]
         if RELU:
-            acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+            out = tl.where(out < 0.0, 0.0, out)  # keeps NaN, like torch.relu
         y_n = y_ptr + n.to(tl.int64) * Cout * HW_OUT
-        tl.store(y_n + co[:, None] * HW_OUT + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_n + co[:, None] * HW_OUT + p[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -221,12 +215,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _choose_split(n: int, k: int, hw: int, steps: int, device: torch.device) -> int:
-    """Split the reduction when the output tiles alone cannot fill the GPU."""
+def _choose_split(n: int, k: int, hw: int, taps: int, device: torch.device) -> int:
+    """Split the reduction over the kernel taps when the output tiles alone
+    cannot fill the GPU (batch 1 on small maps)."""
     tiles = n * triton.cdiv(k, 64) * triton.cdiv(hw, 64)
     sms = _sm_count(device)
     split = 1
-    while split < _MAX_SPLIT and tiles * split < sms and steps >= 8 * split:
+    while split * 2 <= taps and tiles * split < sms:
         split *= 2
     return split
 
@@ -276,7 +271,7 @@ def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     b = bias.contiguous() if bias is not None else idx
     precision = "ieee" if os.environ.get("DYNPRUNE_TRITON_FP32") == "ieee" else "tf32"
     if split is None:
-        split = _choose_split(N, k, Ho * Wo, KH * KW * triton.cdiv(lists.shape[1], 32), x.device)
+        split = _choose_split(N, k, Ho * Wo, KH * KW, x.device)
     ws = (torch.zeros((N, k, Ho * Wo), dtype=torch.float32, device=x.device) if split > 1
           else y)  # unused without a split
 
