@@ -15,11 +15,10 @@
      gated    the Triton kernel at the same keep ratio on input and output
               channels, kept input channels given (a chained network)
      detect   the same with the active input channels found on the device
-     gated_cl the "gated" case with the weight stored channels_last, as the
-              kernel reads it (``gated`` pays a per-call permute of the weight)
-   Each case is also timed with CUDA graph replay (do_bench_cudagraph), which
-   removes launch overhead for every variant alike: Python's launch cost is a
-   floor under the plain timings, on the card's host more than on the GPU.
+     gated_wt the "gated" case with the weight stored output-channel-contiguous
+              (same logical tensor; coalesced weight loads)
+   Batch 1 is also timed with CUDA graph replay (do_bench_cudagraph), which
+   removes launch overhead for every variant alike.
 Layers: the 3x3 convs of ResNet-18 at 224 input, ResNet-20 and VGG-16 at 32x32.
 Prints a table and writes JSON + Markdown named after the card and date.
 Uses nothing but torch, triton and this project.
@@ -139,7 +138,7 @@ def time_layers(gen, layers, batches, dtypes, keeps):
     for name, c, size in layers:
         for dtype in dtypes:
             for batch in batches:
-                for graph in (False, True):
+                for graph in ((False, True) if batch == 1 else (False,)):
                     x0 = torch.randn(batch, c, size, size, generator=gen).to("cuda", dtype)
                     w0 = torch.randn(c, c, 3, 3, generator=gen).to("cuda", dtype)
                     dense = bench(lambda: F.conv2d(x0, w0, None, 1, 1), graph)
@@ -152,20 +151,20 @@ def time_layers(gen, layers, batches, dtypes, keeps):
                         detect = bench(lambda: gated_conv2d_triton(
                             cs["x"], cs["w"], cs["b"], cs["out_idx"], cs["scale"], None,
                             (1, 1), (1, 1), (1, 1), True), graph)
-                        w_cl = cs["w"].to(memory_format=torch.channels_last)
-                        gated_cl = bench(lambda: gated_conv2d_triton(
-                            cs["x"], w_cl, cs["b"], cs["out_idx"], cs["scale"], cs["in_idx"],
+                        w_t = cs["w"].permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+                        gated_wt = bench(lambda: gated_conv2d_triton(
+                            cs["x"], w_t, cs["b"], cs["out_idx"], cs["scale"], cs["in_idx"],
                             (1, 1), (1, 1), (1, 1), True), graph)
                         row = dict(layer=name, shape=f"{c}x{size}x{size}", dtype=str(dtype)[6:],
                                    batch=batch, cuda_graph=graph, keep=keep, dense_ms=dense,
                                    static_ms=static, gated_ms=gated, detect_ms=detect,
-                                   gated_cl_ms=gated_cl,
+                                   gated_wt_ms=gated_wt,
                                    dense_over_gated=dense / gated, gated_over_static=gated / static)
                         rows.append(row)
                         print(f"  {name:7} {row['shape']:>10} {row['dtype']:8} b{batch:<3}"
                               f"{' graph' if graph else '      '} keep {keep:<4} dense {dense:.4f} "
                               f"static {static:.4f} gated {gated:.4f} detect {detect:.4f} "
-                              f"gated_cl {gated_cl:.4f} ms  "
+                              f"gated_wt {gated_wt:.4f} ms  "
                               f"dense/gated {dense / gated:.2f} gated/static {gated / static:.2f}",
                               flush=True)
     return rows
@@ -176,13 +175,13 @@ def markdown(rows, card: str, date: str) -> str:
              "`python benchmarks/gpu_check.py`: triton.testing medians in ms. gated: kept input "
              "channels given; detect: found on the device. graph: CUDA graph replay.", "",
              "| layer | shape | dtype | batch | graph | keep | dense | static | gated | detect "
-             "| gated_cl | dense/gated | gated/static |",
+             "| gated_wt | dense/gated | gated/static |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['batch']} | "
                      f"{'yes' if r['cuda_graph'] else 'no'} | {r['keep']} | {r['dense_ms']:.4f} | "
                      f"{r['static_ms']:.4f} | {r['gated_ms']:.4f} | {r['detect_ms']:.4f} | "
-                     f"{r['gated_cl_ms']:.4f} | "
+                     f"{r['gated_wt_ms']:.4f} | "
                      f"{r['dense_over_gated']:.2f} | {r['gated_over_static']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -190,16 +189,15 @@ def markdown(rows, card: str, date: str) -> str:
 def bar_summary(rows) -> str:
     """Issue 5's bar: float16, keep 0.5, ResNet-18 layers. Batch 64: at least 2x
     faster than dense and at most 1.3x static; batch 1 (graph replay): faster
-    than dense."""
+    than dense. The better of the two weight layouts counts."""
     lines = ["bar (float16, keep 0.5, ResNet-18 layers, kept inputs given):"]
     for r in rows:
         if r["dtype"] != "float16" or r["keep"] != 0.5 or not r["layer"].startswith("r18"):
             continue
-        best = min(r["gated_ms"], r["gated_cl_ms"])
+        best = min(r["gated_ms"], r["gated_wt_ms"])
         dense_ratio, static_ratio = r["dense_ms"] / best, best / r["static_ms"]
-        if r["batch"] == 64:
-            met = dense_ratio >= 2 and static_ratio <= 1.3
-            need = ">= 2, <= 1.3"
+        if r["batch"] > 1:
+            met, need = dense_ratio >= 2 and static_ratio <= 1.3, ">= 2, <= 1.3"
         elif r["cuda_graph"]:
             met, need = dense_ratio > 1, "> 1"
         else:
@@ -224,9 +222,9 @@ def main() -> int:
           f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
-    correct = check_correctness(gen)
-    if not correct:
-        print("gpu_check: correctness FAILED; timings below are of a wrong kernel", file=sys.stderr)
+    if not check_correctness(gen):
+        print("gpu_check: correctness FAILED; not timing", file=sys.stderr)
+        return 1
     try:
         model_ok = check_model()
     except Exception as exc:  # report it, and still time the layers
@@ -245,9 +243,9 @@ def main() -> int:
     table = markdown(rows, card, date)
     (out / f"{stem}.md").write_text(table)
     print(table)
-    print(f"wrote {out / stem}.json and .md in {time.time() - t0:.0f} s")
     print(bar_summary(rows))
-    return 0 if model_ok and correct else 1
+    print(f"wrote {out / stem}.json and .md in {time.time() - t0:.0f} s")
+    return 0 if model_ok else 1
 
 
 if __name__ == "__main__":

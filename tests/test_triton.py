@@ -4,7 +4,7 @@ Without a GPU (CI) these run under Triton's CPU interpreter (TRITON_INTERPRET=1,
 set in conftest.py): the same kernel source, the same index handling and
 masks, executed with numpy. Tolerances per dtype, relative to max |reference|
 computed in float64 from the same rounded inputs:
-  float32 -> TF32 tensor cores on a GPU: 1e-3 (the interpreter is exact to ~1e-6)
+  float32 -> TF32 tensor cores on a GPU: 5e-3 (the interpreter: 1e-3; it is exact to ~1e-6)
   float16 -> 1e-2, bfloat16 -> 2e-2 (products rounded to the storage type's
   precision, sums in float32).
 """
@@ -19,9 +19,9 @@ from dynprune.kernels.gated_conv import (active_channels, dynamic_conv2d_triton,
 from dynprune.ops import dynamic_conv2d_reference, gated_conv2d_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# TF32 rounds both factors to 10-bit mantissas (2^-11 each): on a GPU a
-# max-normalised error of 2e-3 was measured on a small case, so float32 gets 5e-3
-# there; the interpreter multiplies exactly, so 1e-3 holds off the GPU.
+# TF32 rounds both factors to 10-bit mantissas (2^-11 each): on an H200 a small
+# case measured 2.1e-3, so float32 gets 5e-3 on a GPU; the interpreter multiplies
+# exactly, so 1e-3 holds there.
 TOL = {torch.float32: 5e-3 if DEVICE == "cuda" else 1e-3, torch.float16: 1e-2,
        torch.bfloat16: 2e-2}
 
@@ -61,20 +61,14 @@ def reference64(args, geo):
     return gated_conv2d_reference(*d, *geo)
 
 
-# split: None lets the kernel choose; 1 and 3 force one program per tile or
-# three sharing its reduction (atomic partial sums, then the epilogue kernel).
-SEED_SPLITS = ([(s, None) for s in range(12)] + [(s, 1) for s in range(12)]
-               + [(s, 3) for s in range(0, 12, 3)])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("seed,split", SEED_SPLITS)
-def test_triton_matches_reference_on_random_cases(seed, split, dtype):
+@pytest.mark.parametrize("seed", range(12))
+def test_triton_matches_reference_on_random_cases(seed, dtype):
     rng, gen = random.Random(seed), torch.Generator().manual_seed(1000 + seed)
     args, geo = random_case(rng, gen, dtype)
     ref = reference64(args, geo)
     out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-    y = gated_conv2d_triton(*args, *geo, out=out, split=split)
+    y = gated_conv2d_triton(*args, *geo, out=out)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y).any(), "an output element was not written"
     assert max_rel_err(y, ref) < TOL[dtype], (seed, dtype, [t.shape if t is not None else None
@@ -83,7 +77,7 @@ def test_triton_matches_reference_on_random_cases(seed, split, dtype):
     kept = torch.zeros(ref.shape[:2], dtype=torch.bool, device=DEVICE).scatter(1, args[3], True)
     assert (y[~kept] == 0).all()
     # the allocating variant agrees
-    assert torch.equal(gated_conv2d_triton(*args, *geo, split=split), y)
+    assert torch.equal(gated_conv2d_triton(*args, *geo), y)
 
 
 def test_active_channels_are_found_on_the_device_in_order():
@@ -120,6 +114,8 @@ def test_triton_dynamic_conv2d_picks_the_reference_channels(seed):
     gw, gb = torch.randn(10, 8, generator=gen), torch.randn(10, generator=gen)
     prio = torch.rand(10, generator=gen)
     in_idx = torch.tensor([[0, 1, 2, 5], [1, 3, 4, 7], [0, 2, 4, 6]]) if seed == 2 else None
+    x, w, gw, gb, prio = (t.to(DEVICE) for t in (x, w, gw, gb, prio))
+    in_idx = in_idx.to(DEVICE) if in_idx is not None else None
     y, idx, scale = dynamic_conv2d_triton(x, w, None, gw, gb, prio, 4, in_idx, (1, 1), (1, 1),
                                           (1, 1), True)
     ref_idx, ref_scale = dynamic_conv2d_reference(x, w, None, gw, gb, prio, 4, in_idx, (1, 1),
@@ -145,10 +141,10 @@ def test_cuda_entry_points_validate_and_route_dtypes():
     idx = torch.tensor([[0, 2], [1, 5]], device=DEVICE)
     geo = ([1, 1], [1, 1], [1, 1], False)
     ref = gated_conv2d_reference(x, w, None, idx, None, None, *geo)
-    assert max_rel_err(ops._triton_gated(x, w, None, idx, None, None, *geo), ref) < 1e-3
+    assert max_rel_err(ops._triton_gated(x, w, None, idx, None, None, *geo), ref) < TOL[x.dtype]
     out = torch.full_like(ref, float("nan"))
     ops._triton_gated_out(x, w, None, idx, None, None, *geo, out=out)
-    assert max_rel_err(out, ref) < 1e-3
+    assert max_rel_err(out, ref) < TOL[x.dtype]
     with pytest.raises(ValueError, match="out must have shape"):
         ops._triton_gated_out(x, w, None, idx, None, None, *geo, out=out[:, :3])
     with pytest.raises(ValueError, match="channel mismatch"):
@@ -176,12 +172,12 @@ def test_gpu_check_script_correctness_part_runs(capsys):
     assert out.count(" ok") == 6 and "FAIL" not in out
     md = mod.markdown([dict(layer="l", shape="8x6x6", dtype="float16", batch=1, cuda_graph=True,
                             keep=0.5, dense_ms=1.0, static_ms=0.4, gated_ms=0.5, detect_ms=0.6,
-                            gated_cl_ms=0.45, dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
+                            gated_wt_ms=0.45, dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
     assert "| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 | 0.4500 | 2.00 | 1.25 |" in md
     row = dict(layer="r18.l1", dtype="float16", keep=0.5, batch=64, cuda_graph=False, dense_ms=1.0,
-               static_ms=0.4, gated_ms=0.6, gated_cl_ms=0.45)
+               static_ms=0.4, gated_ms=0.6, gated_wt_ms=0.45)
     assert "dense/gated 2.22 gated/static 1.12 (need >= 2, <= 1.3): met" in mod.bar_summary([row])
-    row["gated_cl_ms"] = row["gated_ms"] = 0.55  # 1.82x dense: missed
+    row["gated_wt_ms"] = row["gated_ms"] = 0.55  # 1.82x dense: missed
     assert "MISSED" in mod.bar_summary([row])
 
 
@@ -194,10 +190,5 @@ def test_any_weight_layout_gives_the_same_result():
     idx = torch.tensor([[1, 4, 7], [0, 2, 3]], device=DEVICE)
     geo = ((1, 1), (1, 1), (1, 1), False)
     ref = gated_conv2d_reference(x.double(), w.double(), None, idx, None, None, *geo)
-    w_cl = w.to(memory_format=torch.channels_last)  # the layout the kernel reads: no copy
-    for xx, ww in ((x, w_t), (x_cl, w), (x_cl, w_t), (x, w_cl)):
+    for xx, ww in ((x, w_t), (x_cl, w), (x_cl, w_t)):
         assert max_rel_err(gated_conv2d_triton(xx, ww, None, idx, None, None, *geo), ref) < TOL[torch.float32]
-    # a non-contiguous out buffer is filled through a copy, every element written
-    out = torch.full((2, 5, 5, 8), float("nan"), device=DEVICE).permute(0, 3, 1, 2)
-    y = gated_conv2d_triton(x, w, None, idx, None, None, *geo, out=out)
-    assert y.data_ptr() == out.data_ptr() and max_rel_err(out, ref) < TOL[torch.float32]
