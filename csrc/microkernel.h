@@ -44,7 +44,8 @@ inline int64_t channels_per_chunk(int64_t taps) { return kChunkTaps / taps > 1 ?
 // within 3% of 8). Without the dense calls in between it made no difference.
 constexpr int64_t kRowPrefetch = 8;
 
-// The epilogue of one output value, shared by both tile forms:
+// The epilogue of one output value (the pixel form's finish_block; the
+// output-channel form's finish_lanes computes the same in vectors):
 // act(scale * (conv + bias)), the op contract's order; ReLU keeps NaN, like
 // torch.relu.
 static inline __attribute__((always_inline)) float finish_value(float conv, float bias,
