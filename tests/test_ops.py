@@ -760,6 +760,35 @@ def test_output_channel_vector_items_match_reference(kernel, stride, padding, di
     _check_cout_form(kernel, stride, padding, dilation, h, w, n, cin, k, True)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_output_channel_vector_form_keeps_nan_and_inf_like_the_reference(relu):
+    """The output-channel form's vector epilogue: NaN passes ReLU (as torch.relu),
+    -inf becomes 0 under ReLU, and pruned channels stay exactly 0. 14x14 map,
+    4 samples on 2 threads, k = 64: the form runs here on AVX-512 CPUs."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 16, 14, 14, generator=gen)
+    x[0, 3, 5, 5] = float("nan")
+    x[2, 7, 0, 13] = float("inf")
+    x[3, 1, 9, 2] = float("-inf")
+    w = torch.randn(96, 16, 3, 3, generator=gen) / 12
+    oi = torch.stack([torch.randperm(96, generator=gen)[:64].sort().values for _ in range(4)])
+    scale = torch.rand(4, 64, generator=gen) + 0.5
+    args = (x, w, torch.randn(96, generator=gen), oi, scale, None, (1, 1), (1, 1), (1, 1), relu)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = dynprune.gated_conv2d(*args)
+    finally:
+        torch.set_num_threads(before)
+    ref = dynprune.gated_conv2d_reference(*args)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert torch.allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+    kept = torch.zeros(4, 96, dtype=torch.bool).scatter(1, oi, True)
+    assert (y[~kept] == 0).all()
+
+
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 255, 259])
 def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
     """Detection reads planes 64 floats at a time: a single non-zero in any group or
