@@ -4,9 +4,9 @@
 // map fills 196 of its 256 lanes, a 9x9 map 81 of 128. Here a register holds
 // 16 kept output channels of one pixel (cout_tile.h), so every lane is a kept
 // channel but in the last 32. The price is a per-sample copy of the kept
-// weights into that layout, about 10 cycles per 16 values (a gather), paid
-// once per sample and amortised over its pixels: it is the reason this form
-// only runs where cout_vector_pays says so.
+// weights into that layout (pack_chunk), paid once per sample and amortised
+// over its pixels: it is the reason this form only runs where
+// cout_vector_pays says so.
 #include "cout_vector.h"
 
 #include <immintrin.h>
@@ -86,7 +86,7 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
     const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + kLanes);
     for (int64_t i = i0; i < i1; ++i) {
       const float* base = weight + s.in_off[i];
-      if (i + kPackPrefetch < s.kin) {  // each gather waits on 16 lines: fetch them early
+      if (i + kPackPrefetch < s.kin) {  // 32 rows' lines per channel: fetch them early
         const float* ahead = weight + s.in_off[i + kPackPrefetch];
         for (int u = 0; u < kCoutTile; ++u)
           _mm_prefetch(reinterpret_cast<const char*>(ahead + rows[u]), _MM_HINT_T0);
@@ -196,8 +196,8 @@ bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill) {
   //   equal: 256x8x8 1.75 vs 1.74 (batch 16), 0.95 vs 0.92 (batch 1), and
   //     slower in VGG-16 at batch 1 (268 vs 256 us a layer), hence 81 pixels;
   //   slower: 512x7x7 1.71 vs 1.86 and 512x4x4 2.85 vs 3.04 at batch 16 (the
-  //     packing, ~10 cycles a gather of 16 weights, outweighs 49 or 16 pixels
-  //     of FMAs), 64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel
+  //     packing outweighs 49 or 16 pixels of FMAs; still 2.05 vs 2.20 and
+  //     3.15 vs 3.19 with the transposed packing, session 6), 64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel
   //     form fills 96% and 94% of its lanes there), k = 16 (0.99 vs 1.53).
   const int64_t plane = g.Ho * g.Wo;
   return plane >= 81 && pixel_fill < 0.9 && 10 * k >= 9 * padded_k(k);

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,6 +15,17 @@ from dynprune import ops as dp_ops
 from conftest import max_rel_err
 
 REL_TOL_F32 = 1e-5
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -625,13 +637,9 @@ def test_dynamic_conv2d_op_matches_reference(dtype, tol, with_in_idx):
 def test_thread_counts_give_the_same_result(threads, seed):
     """Both work schedules (per sample / phased) and any split agree exactly."""
     case = make_case(seed)
-    before = torch.get_num_threads()
     y_default = dynprune.gated_conv2d(*case.args())
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         y = dynprune.gated_conv2d(*case.args())
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(y, y_default)
 
 
@@ -654,12 +662,8 @@ def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
     gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
     prio = torch.rand(cout, generator=g)
     args = (w, b, gw, gb, prio, k, None, [1, 1], [1, 1], [1, 1], True)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
-    finally:
-        torch.set_num_threads(before)
     ry, ridx, _ = dynamic_conv2d_reference(
         x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.equal(idx, ridx)
@@ -689,12 +693,8 @@ def test_packed_weights_schedule_matches_reference(kernel, stride, padding, dila
                 _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
                 torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
                 (stride, stride), (padding, padding), (dilation, dilation), True)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # N = 4 on 2 threads: each sample on one thread
+    with torch_threads(2):  # N = 4 on 2 threads: each sample on one thread
         y = dynprune.gated_conv2d(*case.args())
-    finally:
-        torch.set_num_threads(before)
     assert_matches_reference(y, case)
 
 
@@ -719,13 +719,9 @@ def _check_cout_form(kernel, stride, padding, dilation, h, w, n, cin, k, explici
                 torch.empty(n, k).uniform_(-2.0, 2.0, generator=gen), in_idx,
                 (stride, stride), (padding, padding), (dilation, dilation), rng.random() < 0.5)
     empty = Case(*case.args()[:5], torch.zeros(n, 0, dtype=torch.long), *case.args()[6:])
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         y = dynprune.gated_conv2d(*case.args())
         y_empty = dynprune.gated_conv2d(*empty.args())
-    finally:
-        torch.set_num_threads(before)
     assert_matches_reference(y, case)
     assert_matches_reference(y_empty, empty)
 
@@ -774,12 +770,8 @@ def test_output_channel_vector_form_keeps_nan_and_inf_like_the_reference(relu):
     oi = torch.stack([torch.randperm(96, generator=gen)[:64].sort().values for _ in range(4)])
     scale = torch.rand(4, 64, generator=gen) + 0.5
     args = (x, w, torch.randn(96, generator=gen), oi, scale, None, (1, 1), (1, 1), (1, 1), relu)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         y = dynprune.gated_conv2d(*args)
-    finally:
-        torch.set_num_threads(before)
     ref = dynprune.gated_conv2d_reference(*args)
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
