@@ -39,19 +39,22 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Tile shapes tried by the autotuner: (BLOCK_P, BLOCK_CO, BLOCK_CI, warps, stages).
+_TILES = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (64, 32, 64, 4, 3),
+          (128, 128, 32, 8, 3), (32, 64, 32, 4, 3), (16, 32, 64, 4, 3)]  # last two: small maps
+
+
 def _configs():
     # The interpreter runs every config it is given: keep one. So does
     # DYNPRUNE_TRITON_AUTOTUNE=0, for runs of many shapes where tuning costs more
     # than it gains (tests on a GPU).
     if _INTERPRET or os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_CI": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci}, num_warps=w, num_stages=s)
-        for bp, bco, bci, w, s in [
-            (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (64, 32, 64, 4, 3),
-            (128, 128, 32, 8, 3), (32, 64, 32, 4, 3), (16, 32, 64, 4, 3),  # small maps: more programs
-        ]
-    ]
+        return [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_CI": 16, "TAPS_INNER": True,
+                               "X_T": False, "SPLIT": 1},
+                              num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "TAPS_INNER": True,
+                           "X_T": False, "SPLIT": 1},
+                          num_warps=w, num_stages=st) for bp, bco, bci, w, st in _TILES]
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -76,26 +79,56 @@ def _quick_bench(kernel_call, quantiles):
 _INT_ARGS = ["N", "Cin", "H", "W", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN",
              "sxn", "sxc", "sxh", "sxw", "swo", "swi", "swh", "sww", "syn", "syc", "syh", "syw",
              "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+_TUNE_KEY = ["N", "Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW", "stride_h", "IS_FP32"]
 _TUNE_OPTIONS = {} if _INTERPRET else {"prune_configs_by": {"early_config_prune": _prune_configs}}
 if not _INTERPRET and "do_bench" in inspect.signature(triton.autotune).parameters:
     _TUNE_OPTIONS["do_bench"] = _quick_bench
 
 
-@triton.autotune(configs=_configs(), key=["N", "Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW",
-                                          "stride_h", "IS_FP32"], **_TUNE_OPTIONS)
+@triton.jit
+def _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc, sxh, sxw, swi, swh,
+              sww, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+              IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              X_T: tl.constexpr):
+    """acc += x[pixels shifted by tap (r, s), channels ci] @ w[ci, tap, kept outputs]."""
+    ih = oh * stride_h - pad_h + r * dil_h
+    iw = ow * stride_w - pad_w + s * dil_w
+    pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    if X_T:  # load [channels, pixels] so that a warp's lanes run along pixels, then transpose
+        xv = tl.trans(tl.load(x_n + x_off[None, :] + ci[:, None] * sxc,
+                              mask=pix_ok[None, :] & i_ok[:, None], other=0.0))
+    else:
+        xv = tl.load(x_n + x_off[:, None] + ci[None, :] * sxc,
+                     mask=pix_ok[:, None] & i_ok[None, :], other=0.0)
+    wv = tl.load(w_j + ci[:, None] * swi + r * swh + s * sww, mask=i_ok[:, None] & j_ok[None, :],
+                 other=0.0)
+    if IS_FP32:
+        acc += tl.dot(xv, wv, input_precision=PRECISION)
+    elif UPCAST:  # Triton's CPU interpreter has no bfloat16 dot
+        acc += tl.dot(xv.to(tl.float32), wv.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(xv, wv)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, **_TUNE_OPTIONS)
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _gated_conv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr, part_ptr,
     N, Cin, H, W, Cout, Wo, HW_OUT, K_OUT, ACT_LEN,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    COUNT_GIVEN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    TAPS_INNER: tl.constexpr, X_T: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_j = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    n = (tl.program_id(2) // SPLIT).to(tl.int64)
+    part = tl.program_id(2) % SPLIT  # this program's share of the channel blocks
 
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels of the tile
     p_ok = p < HW_OUT
@@ -105,33 +138,49 @@ def _gated_conv_kernel(
     j_ok = j < K_OUT
     co = tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0).to(tl.int64)
     co = tl.minimum(tl.maximum(co, 0), Cout - 1)  # never address outside the weight
-    count = tl.load(count_ptr + n)
+    if COUNT_GIVEN:  # in_idx given: every sample lists ACT_LEN channels
+        count = ACT_LEN
+    else:
+        count = tl.load(count_ptr + n)
 
     x_n = x_ptr + n * sxn
+    w_j = w_ptr + co[None, :] * swo
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            ih = oh * stride_h - pad_h + r * dil_h
-            iw = ow * stride_w - pad_w + s * dil_w
-            pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            w_tap = w_ptr + co[None, :] * swo + r * swh + s * sww
-            for i0 in range(0, count, BLOCK_CI):
-                i = i0 + tl.arange(0, BLOCK_CI)
-                i_ok = i < count
-                ci = tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0).to(tl.int64)
-                ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
-                xv = tl.load(x_n + x_off[:, None] + ci[None, :] * sxc,
-                             mask=pix_ok[:, None] & i_ok[None, :], other=0.0)
-                wv = tl.load(w_tap + ci[:, None] * swi, mask=i_ok[:, None] & j_ok[None, :],
-                             other=0.0)
-                if IS_FP32:
-                    acc += tl.dot(xv, wv, input_precision=PRECISION)
-                elif UPCAST:  # Triton's CPU interpreter has no bfloat16 dot
-                    acc += tl.dot(xv.to(tl.float32), wv.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(xv, wv)
+    if TAPS_INNER:  # one index-list load per channel block serves all taps
+        for i0 in range(part * BLOCK_CI, count, SPLIT * BLOCK_CI):
+            i = i0 + tl.arange(0, BLOCK_CI)
+            i_ok = i < count
+            ci = tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0).to(tl.int64)
+            ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+            for r in tl.static_range(KH):
+                for s in tl.static_range(KW):
+                    acc = _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc,
+                                    sxh, sxw, swi, swh, sww, stride_h, stride_w, pad_h, pad_w,
+                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T)
+    else:  # taps outer: the loop the kernel shipped with first, kept for A/B runs
+        for r in tl.static_range(KH):
+            for s in tl.static_range(KW):
+                for i0 in range(part * BLOCK_CI, count, SPLIT * BLOCK_CI):
+                    i = i0 + tl.arange(0, BLOCK_CI)
+                    i_ok = i < count
+                    ci = tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0).to(tl.int64)
+                    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+                    acc = _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc,
+                                    sxh, sxw, swi, swh, sww, stride_h, stride_w, pad_h, pad_w,
+                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T)
 
+    if SPLIT == 1:
+        _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
+                syw, HAS_BIAS, HAS_SCALE, RELU)
+    else:  # partial sums: _split_finish_kernel applies the epilogue once all have landed
+        tl.atomic_add(part_ptr + (n * K_OUT + j[None, :]) * HW_OUT + p[:, None], acc,
+                      mask=p_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh, syw,
+            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr):
+    """Bias, gate scale and ReLU on a [pixels, kept channels] tile, stored to y."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:  # the contract's order: scale * (conv + bias)
@@ -143,17 +192,30 @@ def _gated_conv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & j_ok[None, :])
 
 
-def active_channels(x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample input channel lists ``[N, L]`` (int32) and their lengths ``[N]``.
+@triton.jit(do_not_specialize=["Cout", "Wo", "HW_OUT", "K_OUT", "syn", "syc", "syh", "syw"])
+def _split_finish_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
+                         Cout, Wo, HW_OUT, K_OUT, syn, syc, syh, syw,
+                         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """The epilogue of a split reduction: float32 sums [N, K, pixels] -> y."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    j = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    n = tl.program_id(2).to(tl.int64)
+    p_ok = p < HW_OUT
+    j_ok = j < K_OUT
+    co = tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0).to(tl.int64)
+    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
+    acc = tl.load(part_ptr + (n * K_OUT + j[None, :]) * HW_OUT + p[:, None],
+                  mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+    _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, p // Wo, p % Wo, n, K_OUT, syn, syc,
+            syh, syw, HAS_BIAS, HAS_SCALE, RELU)
 
-    With ``in_idx`` the list is given. Otherwise the channels holding any
-    non-zero value (NaN counts as non-zero) come first, ascending, from a
-    stable sort on the device: no host synchronisation.
-    """
-    n = x.shape[0]
-    if in_idx is not None:
-        lists = in_idx.to(torch.int32).contiguous()
-        return lists, torch.full((n,), lists.shape[1], dtype=torch.int32, device=x.device)
+
+def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample lists ``[N, Cin]`` (int32) of the input channels holding any
+    non-zero value (NaN counts as non-zero), ascending and first in each row,
+    and their lengths ``[N]``: a stable sort on the device, no host
+    synchronisation."""
     active = x.ne(0).flatten(2).any(2)  # [N, Cin]
     order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices
     return order.to(torch.int32).contiguous(), active.sum(1, dtype=torch.int32)
@@ -163,46 +225,102 @@ def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+# The config the autotuner chose, per tuning key: later calls launch the kernel
+# with it directly. The autotuner's own per-call bookkeeping (argument dicts,
+# dtype strings) cost as much host time as a small layer's GPU time.
+_CHOSEN: dict = {}
+
+
+class _Launch:
+    """Everything one call of the kernel needs, built from the op's arguments."""
+
+    def __init__(self, x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                 relu, out):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"the Triton kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
+        N, Cin, H, W = x.shape
+        Cout, _, KH, KW = weight.shape
+        Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
+        Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
+        if out is None:
+            self.y = torch.zeros((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device)
+        else:
+            self.y = out.zero_()
+        self.n, self.k, self.hw = N, out_idx.shape[1], Ho * Wo
+        self.empty = N == 0 or self.k == 0 or self.hw == 0
+        if self.empty:
+            return
+        if in_idx is not None:
+            lists, counts = in_idx.contiguous(), in_idx  # counts unused: COUNT_GIVEN
+        else:
+            lists, counts = active_channels(x)
+        idx = out_idx.contiguous()
+        scale = out_scale.contiguous() if out_scale is not None else idx  # unused when absent
+        b = bias.contiguous() if bias is not None else idx
+        precision = "ieee" if os.environ.get("DYNPRUNE_TRITON_FP32") == "ieee" else "tf32"
+        self.tensors = (x, weight, b, self.y, idx, scale, lists, counts)
+        self.ints = (N, Cin, H, W, Cout, Wo, Ho * Wo, self.k, lists.shape[1],
+                     *x.stride(), *weight.stride(), *self.y.stride(),
+                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+        self.consts = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None,
+                           HAS_SCALE=out_scale is not None, RELU=bool(relu),
+                           IS_FP32=x.dtype == torch.float32, PRECISION=precision,
+                           UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+                           COUNT_GIVEN=in_idx is not None)
+        self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0],
+                    *(t.dtype for t in self.tensors), *self.consts.values())
+        self.cout, self.wo = Cout, Wo
+
+    def tune(self):
+        """First call on a new key: let the autotuner choose, and remember it."""
+        def grid(meta):
+            return (triton.cdiv(self.hw, meta["BLOCK_P"]), triton.cdiv(self.k, meta["BLOCK_CO"]),
+                    self.n)
+        _gated_conv_kernel[grid](*self.tensors, self.y, *self.ints, **self.consts)
+        chosen = getattr(_gated_conv_kernel, "best_config", None)
+        if chosen is not None:
+            _CHOSEN[self.key] = chosen
+
+    def run(self, config):
+        """Launch with a given config, straight through the JIT (no autotuner)."""
+        split = config.kwargs["SPLIT"]
+        # A split reduction adds float32 partial sums here; otherwise the slot is unused.
+        part = (torch.zeros((self.n, self.k, self.hw), dtype=torch.float32, device=self.y.device)
+                if split > 1 else self.y)
+        grid = (triton.cdiv(self.hw, config.kwargs["BLOCK_P"]),
+                triton.cdiv(self.k, config.kwargs["BLOCK_CO"]), self.n * split)
+        _gated_conv_kernel.fn[grid](*self.tensors, part, *self.ints, **self.consts,
+                                    **config.all_kwargs())
+        if split > 1:
+            _, _, b, y, idx, scale, _, _ = self.tensors
+            _split_finish_kernel[(triton.cdiv(self.hw, 64), triton.cdiv(self.k, 32), self.n)](
+                part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, *y.stride(),
+                HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
+                RELU=self.consts["RELU"], BLOCK_P=64, BLOCK_CO=32)
+
+
 def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         out_idx: torch.Tensor, out_scale: Optional[torch.Tensor],
                         in_idx: Optional[torch.Tensor], stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], relu: bool,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        out: Optional[torch.Tensor] = None,
+                        config: Optional[triton.Config] = None) -> torch.Tensor:
     """``dynprune::gated_conv2d`` on the GPU (arguments already validated).
 
     ``out``: a buffer of the output's shape and dtype to write into (it is
-    zeroed first); otherwise a new zeroed tensor.
+    zeroed first); otherwise a new zeroed tensor. Index lists may be int32 or
+    int64 (no conversion on the host path). ``config``: a ``triton.Config`` to
+    run instead of the autotuned one (benchmarks and A/B runs).
     """
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton kernel supports {SUPPORTED_DTYPES}, got {x.dtype}")
-    N, Cin, H, W = x.shape
-    Cout, _, KH, KW = weight.shape
-    Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
-    Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
-    y = out if out is not None else torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device)
-    y.zero_()
-    k = out_idx.shape[1]
-    if N == 0 or k == 0 or Ho * Wo == 0:
-        return y
-    lists, counts = active_channels(x, in_idx)
-    idx = out_idx.to(torch.int32).contiguous()
-    scale = out_scale.contiguous() if out_scale is not None else idx  # unused when absent
-    b = bias.contiguous() if bias is not None else idx
-    precision = "ieee" if os.environ.get("DYNPRUNE_TRITON_FP32") == "ieee" else "tf32"
-
-    def grid(meta):
-        return (triton.cdiv(Ho * Wo, meta["BLOCK_P"]), triton.cdiv(k, meta["BLOCK_CO"]), N)
-
-    _gated_conv_kernel[grid](
-        x, weight, b, y, idx, scale, lists, counts,
-        N, Cin, H, W, Cout, Wo, Ho * Wo, k, lists.shape[1],
-        *x.stride(), *weight.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
-        RELU=bool(relu), IS_FP32=x.dtype == torch.float32, PRECISION=precision,
-        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-    )
-    return y
+    launch = _Launch(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                     relu, out)
+    if not launch.empty:
+        config = config or _CHOSEN.get(launch.key)
+        if config is None:
+            launch.tune()
+        else:
+            launch.run(config)
+    return launch.y
 
 
 def dynamic_conv2d_triton(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx, stride,

@@ -1,0 +1,320 @@
+"""A/B run of the Triton kernel's variants on a GPU: one command for a short lease.
+
+    python benchmarks/gpu_ab.py [--out DIR] [--ncu]
+
+1. Correctness of every variant (loop order, transposed x load, split
+   reduction) at ResNet-18 sizes against the float64 reference.
+2. Host time per call (the CPU side of a launch), by part, plus a cProfile of
+   the whole call: plain timings of small layers measure this, not the GPU.
+3. GPU time (CUDA graph replay) of each variant and tile on the ResNet-18
+   layers, float16, keep 0.5, batch 64 and 1; dense and static cuDNN beside.
+4. With --ncu: Nsight Compute's summary of the old and the best kernel on one
+   layer, where ncu is installed.
+Prints short tables; writes everything to DIR/gpu_ab.json (and ncu.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from dynprune.kernels import gated_conv as gc
+from dynprune.ops import gated_conv2d_reference
+
+LAYERS = [("r18.l1", 64, 56), ("r18.l2", 128, 28), ("r18.l3", 256, 14), ("r18.l4", 512, 7)]
+DT = torch.float16
+DEV = "cuda"
+if not torch.cuda.is_available():  # a dry run of the script's own code (TRITON_INTERPRET=1)
+    DEV, DT, LAYERS = "cpu", torch.float32, [("tiny", 32, 6)]
+
+
+def sync():
+    if DEV == "cuda":
+        sync()
+
+
+def graph_ms(fn, rep=20):
+    if DEV == "cuda":
+        return graph_ms(fn, rep=rep)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def plain_ms(fn):
+    if DEV == "cuda":
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return graph_ms(fn)
+
+
+def case(c, size, batch, keep=0.5, seed=0, wt=True):
+    g = torch.Generator().manual_seed(seed)
+    k = math.ceil(keep * c)
+    x = torch.randn(batch, c, size, size, generator=g)
+    in_idx = torch.stack([torch.randperm(c, generator=g)[:k].sort().values for _ in range(batch)])
+    listed = torch.zeros(batch, c, dtype=torch.bool).scatter_(1, in_idx, True)
+    x = torch.where(listed[:, :, None, None], x, torch.zeros(()))
+    w = torch.randn(c, c, 3, 3, generator=g) / (3 * math.sqrt(c))
+    if wt:  # output channels contiguous: coalesced weight-tile loads
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    out_idx = torch.stack([torch.randperm(c, generator=g)[:k].sort().values for _ in range(batch)])
+    d = dict(x=x, w=w, b=torch.randn(c, generator=g), out_idx=out_idx,
+             scale=torch.rand(batch, k, generator=g) + 0.5, in_idx=in_idx)
+    d = {n: (t.to(DEV, DT) if t.is_floating_point() else t.to(DEV)) for n, t in d.items()}
+    d["xs"] = torch.randn(batch, k, size, size, device=DEV, dtype=DT)
+    d["ws"] = torch.randn(k, k, 3, 3, device=DEV, dtype=DT)
+    return d
+
+
+def call(d, config=None):
+    return gc.gated_conv2d_triton(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
+                                  (1, 1), (1, 1), (1, 1), True, config=config)
+
+
+def cfg(bp, bco, bci, ti=True, xt=False, split=1, warps=None, stages=3):
+    warps = warps or (8 if bp * bco >= 16384 else 4)
+    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "TAPS_INNER": ti,
+                          "X_T": xt, "SPLIT": split}, num_warps=warps, num_stages=stages)
+
+
+def name(c):
+    kw = c.kwargs
+    return (f"P{kw['BLOCK_P']}xCO{kw['BLOCK_CO']}xCI{kw['BLOCK_CI']} w{c.num_warps} "
+            f"{'ti' if kw['TAPS_INNER'] else 'to'}{' xt' if kw['X_T'] else ''}"
+            f"{' s%d' % kw['SPLIT'] if kw['SPLIT'] > 1 else ''}")
+
+
+def check(rows):
+    print("1. correctness (max-normalised error vs float64 reference, float16, batch 3):")
+    ok = True
+    for lname, c, size in LAYERS:
+        d = case(c, size, 3, seed=1)
+        ref = gated_conv2d_reference(d["x"].double(), d["w"].double(), d["b"].double(),
+                                     d["out_idx"], d["scale"].double(), d["in_idx"],
+                                     (1, 1), (1, 1), (1, 1), True)
+        errs = []
+        for ti, xt, split in [(False, False, 1), (True, False, 1), (True, True, 1),
+                              (True, False, 4), (True, True, 4)]:
+            y = call(d, cfg(32, 32, 32, ti, xt, split))
+            err = float((y.double() - ref).abs().max() / ref.abs().max())
+            good = err < 1e-2 and not torch.isnan(y).any()
+            ok &= good
+            errs.append(f"{'ti' if ti else 'to'}{'/xt' if xt else ''}/s{split} {err:.1e}"
+                        f"{'' if good else ' FAIL'}")
+            rows.append(dict(part="check", layer=lname, ti=ti, xt=xt, split=split, err=err))
+        print(f"  {lname}: " + ", ".join(errs))
+    return ok
+
+
+def host_us(fn, n=300 if DEV == "cuda" else 2):
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    sync()
+    return dt / n * 1e6
+
+
+def host(rows):
+    lname, c, size = LAYERS[0]
+    print(f"2. host time per call, microseconds ({c}x{size}x{size}, batch 1, {DT}):")
+    d = case(c, size, 1)
+    c0 = cfg(64, 32, 32)
+    call(d, c0)
+    launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"], (1, 1),
+                        (1, 1), (1, 1), True, None)
+    args = (*launch.tensors, launch.y, *launch.ints)
+    grid = (triton.cdiv(launch.hw, 64), triton.cdiv(launch.k, 32), 1)
+    jit = gc._gated_conv_kernel.fn
+    compiled = jit[grid](*args, **launch.consts, **c0.all_kwargs())
+    parts = {
+        "F.conv2d dense": lambda: F.conv2d(d["x"], d["w"], None, 1, 1),
+        "torch.zeros of y": lambda: torch.zeros_like(d["x"]),
+        "_Launch (args, zeroed y)": lambda: gc._Launch(d["x"], d["w"], d["b"], d["out_idx"],
+                                                       d["scale"], d["in_idx"], (1, 1), (1, 1),
+                                                       (1, 1), True, None),
+        "jit launch": lambda: jit[grid](*args, **launch.consts, **c0.all_kwargs()),
+        "whole call, chosen config": lambda: call(d),
+        "whole call, autotuner each time": lambda: gc._gated_conv_kernel[
+            lambda m: (triton.cdiv(launch.hw, m["BLOCK_P"]), triton.cdiv(launch.k, m["BLOCK_CO"]),
+                       1)](*args, **launch.consts),
+    }
+    try:  # a compiled kernel launched directly: Triton-version dependent
+        consts = [launch.consts[k] for k in ("KH", "KW", "HAS_BIAS", "HAS_SCALE", "RELU",
+                                             "IS_FP32", "PRECISION", "UPCAST", "COUNT_GIVEN")]
+        full = (*args, *consts, *[c0.kwargs[k] for k in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI",
+                                                          "TAPS_INNER", "X_T", "SPLIT")])
+        runner = compiled[grid]
+        y_ref = launch.y.clone()
+        launch.y.zero_()
+        runner(*full)
+        sync()
+        same = torch.equal(launch.y, y_ref)
+        parts[f"compiled runner (output equal: {same})"] = lambda: runner(*full)
+    except Exception as exc:
+        print(f"  compiled runner: {type(exc).__name__}: {exc}")
+    for label, fn in parts.items():
+        us = host_us(fn)
+        rows.append(dict(part="host", what=label, us=us))
+        print(f"  {label:45} {us:7.1f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200 if DEV == "cuda" else 2):
+        call(d)
+    prof.disable()
+    sync()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    text = out.getvalue()
+    rows.append(dict(part="cprofile", text=text))
+    print("\n".join(line for line in text.splitlines()[6:22] if line.strip()))
+
+
+def tiles(k, hw):
+    out = []
+    for bp in (32, 64, 128, 256):
+        for bco in (32, 64, 128):
+            if bco <= max(32, triton.next_power_of_2(k)) and bp <= max(32, triton.next_power_of_2(hw)):
+                out.append((bp, bco, 32))
+    if k >= 64 and hw >= 128:
+        out.append((128, 64, 64))
+    return out
+
+
+def sweep(rows):
+    print("3. GPU time (CUDA graph replay, us), float16, keep 0.5, kept inputs given:")
+    best = {}
+    for lname, c, size in LAYERS:
+        for batch in (64, 1):
+            d = case(c, size, batch)
+            d_std = case(c, size, batch, wt=False)
+            k, hw = d["out_idx"].shape[1], size * size
+            x0 = torch.randn(batch, c, size, size, device=DEV, dtype=DT)
+            w0 = torch.randn(c, c, 3, 3, device=DEV, dtype=DT)
+            dense = graph_ms(lambda: F.conv2d(x0, w0, None, 1, 1), rep=30)
+            static = graph_ms(
+                lambda: F.conv2d(d["xs"], d["ws"], None, 1, 1), rep=30)
+            results = []
+            variants = [(False, False, 1), (True, False, 1), (True, True, 1)]
+            if batch == 1:
+                variants += [(True, xt, s) for xt in (False, True) for s in (2, 4, 8)]
+            for ti, xt, split in variants:
+                for bp, bco, bci in tiles(k, hw):
+                    if split > 1 and bp * bco > 4096:
+                        continue
+                    conf = cfg(bp, bco, bci, ti, xt, split)
+                    try:
+                        call(d, conf)
+                        t = graph_ms(lambda: call(d, conf), rep=20)
+                    except Exception as exc:  # out of resources etc.: skip the tile
+                        print(f"    {name(conf)}: {type(exc).__name__}")
+                        continue
+                    results.append((t * 1e3, conf))
+                    rows.append(dict(part="sweep", layer=lname, batch=batch, config=name(conf),
+                                     us=t * 1e3, layout="co-contiguous"))
+            results.sort(key=lambda r: r[0])
+            old = min((r for r in results if not r[1].kwargs["TAPS_INNER"]), key=lambda r: r[0])
+            old_std = graph_ms(lambda: call(d_std, old[1]), rep=20) * 1e3
+            new_std = graph_ms(lambda: call(d_std, results[0][1]),
+                                                        rep=20) * 1e3
+            best[(lname, batch)] = results[0][1]
+            rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense * 1e3,
+                             static_us=static * 1e3, old_us=old[0], old_std_us=old_std,
+                             best_us=results[0][0], best_std_us=new_std,
+                             best=name(results[0][1]), top5=[(t, name(c)) for t, c in results[:5]]))
+            print(f"  {lname} b{batch:<3} dense {dense * 1e3:6.1f} static {static * 1e3:6.1f} | "
+                  f"old loop {old[0]:6.1f} (std layout {old_std:6.1f}) | best {results[0][0]:6.1f} "
+                  f"(std layout {new_std:6.1f}) {name(results[0][1])} | "
+                  f"dense/best {dense * 1e3 / results[0][0]:.2f} best/static "
+                  f"{results[0][0] / (static * 1e3):.2f}", flush=True)
+            for t, conf in results[1:4]:
+                print(f"      {t:6.1f} {name(conf)}")
+    return best
+
+
+def plain(rows, best):
+    print("4. the best config, plain calls (do_bench) vs graph replay, us:")
+    for (lname, batch), conf in best.items():
+        c, size = next((c, s) for n, c, s in LAYERS if n == lname)
+        d = case(c, size, batch)
+        p = plain_ms(lambda: call(d, conf)) * 1e3
+        g = graph_ms(lambda: call(d, conf), rep=30) * 1e3
+        rows.append(dict(part="plain", layer=lname, batch=batch, plain_us=p, graph_us=g))
+        print(f"  {lname} b{batch:<3} plain {p:6.1f} graph {g:6.1f}")
+
+
+def ncu_target(which):
+    d = case(64, 56, 64)
+    confs = {"old": cfg(128, 32, 32, ti=False), "new": cfg(128, 32, 32)}
+    call(d, confs[which])
+    sync()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--ncu", action="store_true")
+    ap.add_argument("--ncu-target", choices=["old", "new"])
+    a = ap.parse_args()
+    if a.ncu_target:
+        return ncu_target(a.ncu_target)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "CPU dry run"
+    print(f"{card}, torch {torch.__version__}, triton {triton.__version__},"
+          f" ncu {shutil.which('ncu')}", flush=True)
+    rows, t0 = [], time.time()
+    try:
+        if not check(rows):
+            print("correctness FAILED: not timing")
+            return 1
+        for step in (host, sweep):
+            try:
+                res = step(rows)
+            except Exception as exc:
+                print(f"{step.__name__}: {type(exc).__name__}: {exc}")
+                res = None
+            print(f"   ({time.time() - t0:.0f} s)", flush=True)
+            if step is sweep and res:
+                plain(rows, res)
+    finally:
+        (out / "gpu_ab.json").write_text(json.dumps(rows, indent=1, default=str))
+    if a.ncu and shutil.which("ncu"):
+        text = ""
+        for which in ("old", "new"):
+            cmd = ["ncu", "--clock-control", "none", "-k", "regex:_gated_conv_kernel", "-c", "1",
+                   "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis",
+                   "--section", "Occupancy", "--section", "LaunchStats", sys.executable,
+                   __file__, "--ncu-target", which]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+                text += f"### {which}\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}\n"
+            except subprocess.TimeoutExpired:
+                text += f"### {which}: ncu timed out\n"
+        (out / "ncu.txt").write_text(text)
+        keys = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput",
+                "Achieved Occupancy", "L1/TEX Hit", "L2 Hit", "Registers Per", "###", "Mem Busy",
+                "Max Bandwidth", "Theoretical Occupancy", "Block Limit")
+        print("\n".join(line for line in text.splitlines() if any(k in line for k in keys)))
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
