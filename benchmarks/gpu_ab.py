@@ -44,12 +44,12 @@ if not torch.cuda.is_available():  # a dry run of the script's own code (TRITON_
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def graph_ms(fn, rep=20):
     if DEV == "cuda":
-        return graph_ms(fn, rep=rep)
+        return triton.testing.do_bench_cudagraph(fn, rep=rep)
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
@@ -102,7 +102,7 @@ def check(rows):
     print("1. correctness (max-normalised error vs float64 reference, float16, batch 3):")
     ok = True
     for lname, c, size in LAYERS:
-        d = case(c, size, 3, seed=1)
+        d = case(c, size, 3, seed=1, wt=False)
         ref = gated_conv2d_reference(d["x"].double(), d["w"].double(), d["b"].double(),
                                      d["out_idx"], d["scale"].double(), d["in_idx"],
                                      (1, 1), (1, 1), (1, 1), True)
@@ -134,32 +134,31 @@ def host_us(fn, n=300 if DEV == "cuda" else 2):
 def host(rows):
     lname, c, size = LAYERS[0]
     print(f"2. host time per call, microseconds ({c}x{size}x{size}, batch 1, {DT}):")
-    d = case(c, size, 1)
+    d = case(c, size, 1, wt=False)
     c0 = cfg(64, 32, 32)
     call(d, c0)
     launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"], (1, 1),
                         (1, 1), (1, 1), True, None)
     args = (*launch.tensors, launch.y, *launch.ints)
     grid = (triton.cdiv(launch.hw, 64), triton.cdiv(launch.k, 32), 1)
-    jit = gc._gated_conv_kernel.fn
-    compiled = jit[grid](*args, **launch.consts, **c0.all_kwargs())
+    jit = gc._gated_conv_kernel
+    compiled = jit[grid](*args, **launch.consts, WIDE=launch.wide, **c0.all_kwargs())
     parts = {
         "F.conv2d dense": lambda: F.conv2d(d["x"], d["w"], None, 1, 1),
         "torch.zeros of y": lambda: torch.zeros_like(d["x"]),
         "_Launch (args, zeroed y)": lambda: gc._Launch(d["x"], d["w"], d["b"], d["out_idx"],
                                                        d["scale"], d["in_idx"], (1, 1), (1, 1),
                                                        (1, 1), True, None),
-        "jit launch": lambda: jit[grid](*args, **launch.consts, **c0.all_kwargs()),
-        "whole call, chosen config": lambda: call(d),
-        "whole call, autotuner each time": lambda: gc._gated_conv_kernel[
-            lambda m: (triton.cdiv(launch.hw, m["BLOCK_P"]), triton.cdiv(launch.k, m["BLOCK_CO"]),
-                       1)](*args, **launch.consts),
+        "jit launch": lambda: jit[grid](*args, **launch.consts, WIDE=launch.wide,
+                                        **c0.all_kwargs()),
+        "whole call, given config": lambda: call(d, c0),
     }
     try:  # a compiled kernel launched directly: Triton-version dependent
         consts = [launch.consts[k] for k in ("KH", "KW", "HAS_BIAS", "HAS_SCALE", "RELU",
                                              "IS_FP32", "PRECISION", "UPCAST", "COUNT_GIVEN")]
         full = (*args, *consts, *[c0.kwargs[k] for k in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI",
-                                                          "TAPS_INNER", "X_T", "SPLIT")])
+                                                          "TAPS_INNER", "X_T", "SPLIT")],
+                launch.wide)
         runner = compiled[grid]
         y_ref = launch.y.clone()
         launch.y.zero_()
@@ -176,7 +175,7 @@ def host(rows):
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200 if DEV == "cuda" else 2):
-        call(d)
+        call(d, c0)
     prof.disable()
     sync()
     out = io.StringIO()
@@ -186,73 +185,54 @@ def host(rows):
     print("\n".join(line for line in text.splitlines()[6:22] if line.strip()))
 
 
-def tiles(k, hw):
-    out = []
-    for bp in (32, 64, 128, 256):
-        for bco in (32, 64, 128):
-            if bco <= max(32, triton.next_power_of_2(k)) and bp <= max(32, triton.next_power_of_2(hw)):
-                out.append((bp, bco, 32))
-    if k >= 64 and hw >= 128:
-        out.append((128, 64, 64))
-    return out
-
-
 def sweep(rows):
-    print("3. GPU time (CUDA graph replay, us), float16, keep 0.5, kept inputs given:")
-    best = {}
+    print("3. GPU time (CUDA graph replay, us), float16, keep 0.5, kept inputs given, weight as"
+          " nn.Conv2d stores it; each tuner candidate with 32- and 64-bit offsets, then the tuner's"
+          " own pick:")
+    if DEV == "cuda":
+        gc._SMS = torch.cuda.get_device_properties(0).multi_processor_count
+    tuned = {}
     for lname, c, size in LAYERS:
         for batch in (64, 1):
-            d = case(c, size, batch)
-            d_std = case(c, size, batch, wt=False)
+            d = case(c, size, batch, wt=False)
             k, hw = d["out_idx"].shape[1], size * size
             x0 = torch.randn(batch, c, size, size, device=DEV, dtype=DT)
             w0 = torch.randn(c, c, 3, 3, device=DEV, dtype=DT)
-            dense = graph_ms(lambda: F.conv2d(x0, w0, None, 1, 1), rep=30)
-            static = graph_ms(
-                lambda: F.conv2d(d["xs"], d["ws"], None, 1, 1), rep=30)
-            results = []
-            variants = [(False, False, 1), (True, False, 1), (True, True, 1)]
-            if batch == 1:
-                variants += [(True, xt, s) for xt in (False, True) for s in (2, 4, 8)]
-            for ti, xt, split in variants:
-                for bp, bco, bci in tiles(k, hw):
-                    if split > 1 and bp * bco > 4096:
-                        continue
-                    conf = cfg(bp, bco, bci, ti, xt, split)
-                    try:
-                        call(d, conf)
-                        t = graph_ms(lambda: call(d, conf), rep=20)
-                    except Exception as exc:  # out of resources etc.: skip the tile
-                        print(f"    {name(conf)}: {type(exc).__name__}")
-                        continue
-                    results.append((t * 1e3, conf))
+            dense = graph_ms(lambda: F.conv2d(x0, w0, None, 1, 1), rep=30) * 1e3
+            static = graph_ms(lambda: F.conv2d(d["xs"], d["ws"], None, 1, 1), rep=30) * 1e3
+            best = {}
+            for wide in ("0", "1"):
+                os.environ["DYNPRUNE_TRITON_WIDE"] = wide
+                for conf in gc._candidates(batch, k, hw, k):
+                    call(d, conf)
+                    t = graph_ms(lambda: call(d, conf)) * 1e3
                     rows.append(dict(part="sweep", layer=lname, batch=batch, config=name(conf),
-                                     us=t * 1e3, layout="co-contiguous"))
-            results.sort(key=lambda r: r[0])
-            old = min((r for r in results if not r[1].kwargs["TAPS_INNER"]), key=lambda r: r[0])
-            old_std = graph_ms(lambda: call(d_std, old[1]), rep=20) * 1e3
-            new_std = graph_ms(lambda: call(d_std, results[0][1]),
-                                                        rep=20) * 1e3
-            best[(lname, batch)] = results[0][1]
-            rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense * 1e3,
-                             static_us=static * 1e3, old_us=old[0], old_std_us=old_std,
-                             best_us=results[0][0], best_std_us=new_std,
-                             best=name(results[0][1]), top5=[(t, name(c)) for t, c in results[:5]]))
-            print(f"  {lname} b{batch:<3} dense {dense * 1e3:6.1f} static {static * 1e3:6.1f} | "
-                  f"old loop {old[0]:6.1f} (std layout {old_std:6.1f}) | best {results[0][0]:6.1f} "
-                  f"(std layout {new_std:6.1f}) {name(results[0][1])} | "
-                  f"dense/best {dense * 1e3 / results[0][0]:.2f} best/static "
-                  f"{results[0][0] / (static * 1e3):.2f}", flush=True)
-            for t, conf in results[1:4]:
-                print(f"      {t:6.1f} {name(conf)}")
-    return best
+                                     wide=wide, us=t))
+                    if t < best.get(wide, (1e30, None))[0]:
+                        best[wide] = (t, conf)
+            os.environ["DYNPRUNE_TRITON_WIDE"] = "0"
+            call(d)  # the first call on this key runs the tuner
+            pick = gc._CHOSEN.get(gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"],
+                                              d["in_idx"], (1, 1), (1, 1), (1, 1), True,
+                                              None).key)
+            t_pick = graph_ms(lambda: call(d), rep=30) * 1e3
+            tuned[(lname, batch)] = pick
+            rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense,
+                             static_us=static, best32_us=best["0"][0], best32=name(best["0"][1]),
+                             best64_us=best["1"][0], best64=name(best["1"][1]), tuned_us=t_pick,
+                             tuned=name(pick) if pick else None))
+            print(f"  {lname} b{batch:<3} dense {dense:6.1f} static {static:6.1f} | 32-bit best "
+                  f"{best['0'][0]:6.1f} {name(best['0'][1]):28} | 64-bit best {best['1'][0]:6.1f} | "
+                  f"tuned {t_pick:6.1f} {name(pick) if pick else '?':28} | dense/tuned "
+                  f"{dense / t_pick:.2f} tuned/static {t_pick / static:.2f}", flush=True)
+    return tuned
 
 
-def plain(rows, best):
-    print("4. the best config, plain calls (do_bench) vs graph replay, us:")
-    for (lname, batch), conf in best.items():
+def plain(rows, tuned):
+    print("4. the tuned config, plain calls (do_bench) vs graph replay, us:")
+    for (lname, batch), conf in tuned.items():
         c, size = next((c, s) for n, c, s in LAYERS if n == lname)
-        d = case(c, size, batch)
+        d = case(c, size, batch, wt=False)
         p = plain_ms(lambda: call(d, conf)) * 1e3
         g = graph_ms(lambda: call(d, conf), rep=30) * 1e3
         rows.append(dict(part="plain", layer=lname, batch=batch, plain_us=p, graph_us=g))
@@ -291,7 +271,7 @@ def main():
                 print(f"{step.__name__}: {type(exc).__name__}: {exc}")
                 res = None
             print(f"   ({time.time() - t0:.0f} s)", flush=True)
-            if step is sweep and res:
+            if step is sweep and res and all(res.values()):
                 plain(rows, res)
     finally:
         (out / "gpu_ab.json").write_text(json.dumps(rows, indent=1, default=str))

@@ -24,7 +24,6 @@ Triton's interpreter; the tests use that.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -39,38 +38,45 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tile shapes tried by the autotuner: (BLOCK_P, BLOCK_CO, BLOCK_CI, warps, stages).
-_TILES = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3), (64, 32, 64, 4, 3),
-          (128, 128, 32, 8, 3), (32, 64, 32, 4, 3), (16, 32, 64, 4, 3)]  # last two: small maps
+_SMS = 132  # an H100/H200's multiprocessors; replaced by the device's own count at first use
 
 
-def _configs():
-    # The interpreter runs every config it is given: keep one. So does
-    # DYNPRUNE_TRITON_AUTOTUNE=0, for runs of many shapes where tuning costs more
-    # than it gains (tests on a GPU).
-    if _INTERPRET or os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_CI": 16, "TAPS_INNER": True,
-                               "X_T": False, "SPLIT": 1},
-                              num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "TAPS_INNER": True,
-                           "X_T": False, "SPLIT": 1},
-                          num_warps=w, num_stages=st) for bp, bco, bci, w, st in _TILES]
+def _config(bp, bco, bci, warps=4, split=1, taps_inner=True, x_t=False, stages=3):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci,
+                          "TAPS_INNER": taps_inner, "X_T": x_t, "SPLIT": split},
+                         num_warps=warps, num_stages=stages)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the layer: a 64-channel tile for 32 kept
-    channels, or 128 pixels for a 7x7 map, only wastes lanes and tuning time."""
-    k, hw = named_args["K_OUT"], named_args["HW_OUT"]
-    fits = [c for c in configs
-            if c.kwargs["BLOCK_CO"] <= max(16, triton.next_power_of_2(k))
-            and c.kwargs["BLOCK_P"] <= max(16, triton.next_power_of_2(hw))]
-    return fits or configs[-1:]
+# Tiles (BLOCK_P, BLOCK_CO, warps) the tuner tries, best-first by the H200
+# A/B run (benchmarks/results/gpu_experiments_2026-11-26b): large pixel tiles
+# for batches, 32x32 tiles with a split reduction for small grids.
+_TILES = [(256, 64, 8), (256, 32, 4), (128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 32, 4),
+          (32, 32, 4)]
 
 
-def _quick_bench(kernel_call, quantiles):
-    # Tuning needs a ranking, not a precise time: short runs keep a first call
-    # on a new shape well under a second.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+def _candidates(n: int, k: int, hw: int, act_len: int):
+    """Configs worth timing for a layer, the heuristic's pick first.
+
+    Tiles larger than the layer (64 channels for 32 kept, 128 pixels for 7x7)
+    only idle lanes. A grid smaller than about two programs per multiprocessor
+    splits its channel blocks over more programs (at most 8, at most one per
+    block), which is what made batch-1 layers fast on the H200."""
+    if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
+        return [_config(32, 16, 16)]
+    fits = [(bp, bco, w) for bp, bco, w in _TILES
+            if bco <= max(32, triton.next_power_of_2(k)) and bp <= max(32, triton.next_power_of_2(hw))]
+    out = []
+    for bp, bco, w in fits:
+        programs = n * triton.cdiv(hw, bp) * triton.cdiv(k, bco)
+        split = 1
+        while (split < 8 and programs * split * 2 <= 2 * _SMS
+               and split * 2 <= triton.cdiv(act_len, 32)):
+            split *= 2
+        out.append((programs * split, bp * bco, _config(bp, bco, 32, w, split)))
+    # Untimed, the first is used: the largest tile that still fills the GPU,
+    # else the tile giving the most programs.
+    out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
+    return [c for _, _, c in out] or [_config(32, 32, 32)]
 
 
 # Sizes and strides change with every layer; specialising on them (divisible by
@@ -79,22 +85,27 @@ def _quick_bench(kernel_call, quantiles):
 _INT_ARGS = ["N", "Cin", "H", "W", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN",
              "sxn", "sxc", "sxh", "sxw", "swo", "swi", "swh", "sww", "syn", "syc", "syh", "syw",
              "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
-_TUNE_KEY = ["N", "Cin", "Cout", "HW_OUT", "K_OUT", "KH", "KW", "stride_h", "IS_FP32"]
-_TUNE_OPTIONS = {} if _INTERPRET else {"prune_configs_by": {"early_config_prune": _prune_configs}}
-if not _INTERPRET and "do_bench" in inspect.signature(triton.autotune).parameters:
-    _TUNE_OPTIONS["do_bench"] = _quick_bench
+
+
+@triton.jit
+def _idx(v, WIDE: tl.constexpr):
+    """Offsets inside one sample, weight or partial-sum buffer in 32 bits unless
+    a tensor is too large for that: fewer registers per gathered element."""
+    if WIDE:
+        return v.to(tl.int64)
+    return v.to(tl.int32)
 
 
 @triton.jit
 def _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc, sxh, sxw, swi, swh,
               sww, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
               IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-              X_T: tl.constexpr):
+              X_T: tl.constexpr, WIDE: tl.constexpr):
     """acc += x[pixels shifted by tap (r, s), channels ci] @ w[ci, tap, kept outputs]."""
     ih = oh * stride_h - pad_h + r * dil_h
     iw = ow * stride_w - pad_w + s * dil_w
     pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    x_off = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    x_off = _idx(ih, WIDE) * sxh + _idx(iw, WIDE) * sxw
     if X_T:  # load [channels, pixels] so that a warp's lanes run along pixels, then transpose
         xv = tl.trans(tl.load(x_n + x_off[None, :] + ci[:, None] * sxc,
                               mask=pix_ok[None, :] & i_ok[:, None], other=0.0))
@@ -112,7 +123,6 @@ def _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc, sxh,
     return acc
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, **_TUNE_OPTIONS)
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _gated_conv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr, part_ptr,
@@ -123,7 +133,7 @@ def _gated_conv_kernel(
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     COUNT_GIVEN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    TAPS_INNER: tl.constexpr, X_T: tl.constexpr, SPLIT: tl.constexpr,
+    TAPS_INNER: tl.constexpr, X_T: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -136,7 +146,7 @@ def _gated_conv_kernel(
     ow = p % Wo
     j = pid_j * BLOCK_CO + tl.arange(0, BLOCK_CO)  # positions in the kept list
     j_ok = j < K_OUT
-    co = tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0).to(tl.int64)
+    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
     co = tl.minimum(tl.maximum(co, 0), Cout - 1)  # never address outside the weight
     if COUNT_GIVEN:  # in_idx given: every sample lists ACT_LEN channels
         count = ACT_LEN
@@ -150,36 +160,37 @@ def _gated_conv_kernel(
         for i0 in range(part * BLOCK_CI, count, SPLIT * BLOCK_CI):
             i = i0 + tl.arange(0, BLOCK_CI)
             i_ok = i < count
-            ci = tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0).to(tl.int64)
+            ci = _idx(tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0), WIDE)
             ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
             for r in tl.static_range(KH):
                 for s in tl.static_range(KW):
                     acc = _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc,
                                     sxh, sxw, swi, swh, sww, stride_h, stride_w, pad_h, pad_w,
-                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T)
+                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T, WIDE)
     else:  # taps outer: the loop the kernel shipped with first, kept for A/B runs
         for r in tl.static_range(KH):
             for s in tl.static_range(KW):
                 for i0 in range(part * BLOCK_CI, count, SPLIT * BLOCK_CI):
                     i = i0 + tl.arange(0, BLOCK_CI)
                     i_ok = i < count
-                    ci = tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0).to(tl.int64)
+                    ci = _idx(tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0), WIDE)
                     ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
                     acc = _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc,
                                     sxh, sxw, swi, swh, sww, stride_h, stride_w, pad_h, pad_w,
-                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T)
+                                    dil_h, dil_w, IS_FP32, PRECISION, UPCAST, X_T, WIDE)
 
     if SPLIT == 1:
         _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
-                syw, HAS_BIAS, HAS_SCALE, RELU)
+                syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
     else:  # partial sums: _split_finish_kernel applies the epilogue once all have landed
-        tl.atomic_add(part_ptr + (n * K_OUT + j[None, :]) * HW_OUT + p[:, None], acc,
-                      mask=p_ok[:, None] & j_ok[None, :])
+        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + (_idx(j, WIDE)[None, :] * HW_OUT + p[:, None]),
+                      acc, mask=p_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
 def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh, syw,
-            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr):
+            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
+            WIDE: tl.constexpr):
     """Bias, gate scale and ReLU on a [pixels, kept channels] tile, stored to y."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=j_ok, other=0.0).to(tl.float32)[None, :]
@@ -187,8 +198,8 @@ def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, s
         acc *= tl.load(scale_ptr + n * K_OUT + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
-    y_ptrs = (y_ptr + n * syn + co[None, :] * syc + oh.to(tl.int64)[:, None] * syh
-              + ow.to(tl.int64)[:, None] * syw)
+    y_ptrs = (y_ptr + n * syn) + (co[None, :] * syc + _idx(oh, WIDE)[:, None] * syh
+                                  + _idx(ow, WIDE)[:, None] * syw)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & j_ok[None, :])
 
 
@@ -196,19 +207,19 @@ def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, s
 def _split_finish_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
                          Cout, Wo, HW_OUT, K_OUT, syn, syc, syh, syw,
                          HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, WIDE: tl.constexpr):
     """The epilogue of a split reduction: float32 sums [N, K, pixels] -> y."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     j = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     n = tl.program_id(2).to(tl.int64)
     p_ok = p < HW_OUT
     j_ok = j < K_OUT
-    co = tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0).to(tl.int64)
+    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
     co = tl.minimum(tl.maximum(co, 0), Cout - 1)
-    acc = tl.load(part_ptr + (n * K_OUT + j[None, :]) * HW_OUT + p[:, None],
+    acc = tl.load((part_ptr + n * K_OUT * HW_OUT) + (_idx(j, WIDE)[None, :] * HW_OUT + p[:, None]),
                   mask=p_ok[:, None] & j_ok[None, :], other=0.0)
     _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, p // Wo, p % Wo, n, K_OUT, syn, syc,
-            syh, syw, HAS_BIAS, HAS_SCALE, RELU)
+            syh, syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
 
 
 def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -221,13 +232,17 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32).contiguous(), active.sum(1, dtype=torch.int32)
 
 
+def _span(t: torch.Tensor, first_dim: int) -> int:
+    """Elements between the first and last addressed element of t[0, ...]
+    (first_dim=1) or of t (first_dim=0), plus one."""
+    return 1 + sum((size - 1) * abs(st) for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-# The config the autotuner chose, per tuning key: later calls launch the kernel
-# with it directly. The autotuner's own per-call bookkeeping (argument dicts,
-# dtype strings) cost as much host time as a small layer's GPU time.
+# The config the tuner chose, per layer key (shapes, dtypes, flags).
 _CHOSEN: dict = {}
 
 
@@ -270,16 +285,35 @@ class _Launch:
         self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0],
                     *(t.dtype for t in self.tensors), *self.consts.values())
         self.cout, self.wo = Cout, Wo
+        # 32-bit offsets unless one sample of x or y, the weight or the partial
+        # sums span 2^31 elements (DYNPRUNE_TRITON_WIDE=1 forces 64-bit, for A/B runs)
+        self.wide = (max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw) >= 2**31
+                     or os.environ.get("DYNPRUNE_TRITON_WIDE") == "1")
 
-    def tune(self):
-        """First call on a new key: let the autotuner choose, and remember it."""
-        def grid(meta):
-            return (triton.cdiv(self.hw, meta["BLOCK_P"]), triton.cdiv(self.k, meta["BLOCK_CO"]),
-                    self.n)
-        _gated_conv_kernel[grid](*self.tensors, self.y, *self.ints, **self.consts)
-        chosen = getattr(_gated_conv_kernel, "best_config", None)
-        if chosen is not None:
-            _CHOSEN[self.key] = chosen
+    def tune(self) -> triton.Config:
+        """The config for this key: the fastest candidate under CUDA graph
+        replay (launch overhead would hide the GPU time of small layers), or
+        the heuristic's pick where timing is off or impossible (during a graph
+        capture, under the interpreter, DYNPRUNE_TRITON_AUTOTUNE=0)."""
+        global _SMS
+        x = self.tensors[0]
+        if x.is_cuda:
+            _SMS = torch.cuda.get_device_properties(x.device).multi_processor_count
+        cands = _candidates(self.n, self.k, self.hw, self.ints[8])
+        timed = (len(cands) > 1 and not _INTERPRET and x.is_cuda
+                 and os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") != "0"
+                 and not torch.cuda.is_current_stream_capturing())
+        if not timed:
+            return cands[0]
+        times = []
+        for c in cands:
+            try:
+                times.append((triton.testing.do_bench_cudagraph(lambda: self.run(c), rep=10), c))
+            except triton.runtime.errors.OutOfResources:  # too many registers/shared memory
+                continue
+        best = min(times, key=lambda t: t[0])[1] if times else cands[-1]
+        _CHOSEN[self.key] = best
+        return best
 
     def run(self, config):
         """Launch with a given config, straight through the JIT (no autotuner)."""
@@ -289,14 +323,14 @@ class _Launch:
                 if split > 1 else self.y)
         grid = (triton.cdiv(self.hw, config.kwargs["BLOCK_P"]),
                 triton.cdiv(self.k, config.kwargs["BLOCK_CO"]), self.n * split)
-        _gated_conv_kernel.fn[grid](*self.tensors, part, *self.ints, **self.consts,
-                                    **config.all_kwargs())
+        _gated_conv_kernel[grid](*self.tensors, part, *self.ints, **self.consts,
+                                 WIDE=self.wide, **config.all_kwargs())
         if split > 1:
             _, _, b, y, idx, scale, _, _ = self.tensors
             _split_finish_kernel[(triton.cdiv(self.hw, 64), triton.cdiv(self.k, 32), self.n)](
                 part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, *y.stride(),
                 HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
-                RELU=self.consts["RELU"], BLOCK_P=64, BLOCK_CO=32)
+                RELU=self.consts["RELU"], BLOCK_P=64, BLOCK_CO=32, WIDE=self.wide)
 
 
 def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -310,16 +344,12 @@ def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     ``out``: a buffer of the output's shape and dtype to write into (it is
     zeroed first); otherwise a new zeroed tensor. Index lists may be int32 or
     int64 (no conversion on the host path). ``config``: a ``triton.Config`` to
-    run instead of the autotuned one (benchmarks and A/B runs).
+    run instead of the tuned one (benchmarks and A/B runs).
     """
     launch = _Launch(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
                      relu, out)
     if not launch.empty:
-        config = config or _CHOSEN.get(launch.key)
-        if config is None:
-            launch.tune()
-        else:
-            launch.run(config)
+        launch.run(config or _CHOSEN.get(launch.key) or launch.tune())
     return launch.y
 
 

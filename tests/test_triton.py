@@ -213,3 +213,27 @@ def test_every_kernel_variant_matches_the_reference(seed, taps_inner, x_t, split
         y = gated_conv2d_triton(*a, *geo, out=out, config=config)
         assert not torch.isnan(y).any(), "an output element was not written"
         assert max_rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_tuner_candidates_fit_the_layer(monkeypatch):
+    """Tiles no larger than the layer; a split reduction only where the grid is
+    small, never more parts than 32-channel blocks; the untimed pick first."""
+    from dynprune.kernels import gated_conv as gc
+    monkeypatch.setattr(gc, "_INTERPRET", False)
+    monkeypatch.setattr(gc, "_SMS", 132)
+    for n, k, hw, act in [(64, 32, 3136, 32), (1, 32, 3136, 32), (1, 64, 784, 64),
+                          (1, 128, 196, 128), (1, 256, 49, 256), (64, 256, 49, 256), (2, 5, 9, 3)]:
+        cands = gc._candidates(n, k, hw, act)
+        assert cands
+        for c in cands:
+            kw = c.kwargs
+            assert kw["BLOCK_CO"] <= max(32, 1 << (k - 1).bit_length())
+            assert kw["BLOCK_P"] <= max(32, 1 << (hw - 1).bit_length())
+            programs = n * -(-hw // kw["BLOCK_P"]) * -(-k // kw["BLOCK_CO"])
+            assert kw["SPLIT"] <= max(1, -(-act // 32))
+            if kw["SPLIT"] > 1:
+                assert programs * kw["SPLIT"] <= 2 * 132
+    batch64 = gc._candidates(64, 32, 3136, 32)[0].kwargs
+    assert (batch64["BLOCK_P"], batch64["SPLIT"]) == (256, 1)
+    batch1 = gc._candidates(1, 256, 49, 256)[0].kwargs
+    assert (batch1["BLOCK_P"], batch1["BLOCK_CO"], batch1["SPLIT"]) == (32, 32, 8)
