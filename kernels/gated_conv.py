@@ -54,13 +54,15 @@ _TILES = [(256, 64, 8), (256, 32, 4), (128, 64, 4), (128, 32, 4), (64, 64, 4), (
           (32, 32, 4)]
 
 
-def _candidates(n: int, k: int, hw: int, act_len: int):
+def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
     """Configs worth timing for a layer, the heuristic's pick first.
 
     Tiles larger than the layer (64 channels for 32 kept, 128 pixels for 7x7)
     only idle lanes. A grid smaller than about two programs per multiprocessor
     splits its channel blocks over more programs (at most 8, at most one per
-    block), which is what made batch-1 layers fast on the H200."""
+    block), which is what made batch-1 layers fast on the H200. float32 loads
+    are wide enough for Triton to pipeline through shared memory, which then
+    overflows (737 KB for 256x64 at 2 stages): one stage for them."""
     if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
         return [_config(32, 16, 16)]
     fits = [(bp, bco, w) for bp, bco, w in _TILES
@@ -72,7 +74,8 @@ def _candidates(n: int, k: int, hw: int, act_len: int):
         while (split < 8 and programs * split * 2 <= 2 * _SMS
                and split * 2 <= triton.cdiv(act_len, 32)):
             split *= 2
-        out.append((programs * split, bp * bco, _config(bp, bco, 32, w, split)))
+        out.append((programs * split, bp * bco,
+                    _config(bp, bco, 32, w, split, stages=1 if fp32 else 3)))
     # Untimed, the first is used: the largest tile that still fills the GPU,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
@@ -91,9 +94,11 @@ _INT_ARGS = ["N", "Cin", "H", "W", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN",
 def _idx(v, WIDE: tl.constexpr):
     """Offsets inside one sample, weight or partial-sum buffer in 32 bits unless
     a tensor is too large for that: fewer registers per gathered element."""
-    if WIDE:
-        return v.to(tl.int64)
-    return v.to(tl.int32)
+    if WIDE:  # one return: Triton 3.6 rejects a second one after a static if that returns
+        out = v.to(tl.int64)
+    else:
+        out = v.to(tl.int32)
+    return out
 
 
 @triton.jit
@@ -299,19 +304,22 @@ class _Launch:
         x = self.tensors[0]
         if x.is_cuda:
             _SMS = torch.cuda.get_device_properties(x.device).multi_processor_count
-        cands = _candidates(self.n, self.k, self.hw, self.ints[8])
+        cands = _candidates(self.n, self.k, self.hw, self.ints[8], self.consts["IS_FP32"])
         timed = (len(cands) > 1 and not _INTERPRET and x.is_cuda
                  and os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") != "0"
                  and not torch.cuda.is_current_stream_capturing())
-        if not timed:
-            return cands[0]
         times = []
         for c in cands:
             try:
+                if not timed:  # the first candidate that compiles for this GPU
+                    self.run(c)
+                    return c
                 times.append((triton.testing.do_bench_cudagraph(lambda: self.run(c), rep=10), c))
             except triton.runtime.errors.OutOfResources:  # too many registers/shared memory
                 continue
-        best = min(times, key=lambda t: t[0])[1] if times else cands[-1]
+        if not times:
+            raise RuntimeError(f"dynprune: no Triton tile fits this GPU for key {self.key}")
+        best = min(times, key=lambda t: t[0])[1]
         _CHOSEN[self.key] = best
         return best
 
@@ -349,7 +357,11 @@ def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     launch = _Launch(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
                      relu, out)
     if not launch.empty:
-        launch.run(config or _CHOSEN.get(launch.key) or launch.tune())
+        config = config or _CHOSEN.get(launch.key)
+        if config is None:
+            launch.tune()  # leaves y computed: every candidate computes the same result
+        else:
+            launch.run(config)
     return launch.y
 
 
