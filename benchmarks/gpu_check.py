@@ -107,7 +107,7 @@ def check_model(batch: int = 4) -> bool:
         ref = model(x).double()
         model_gpu = model.to(DEV)
         xg = x.to(DEV)
-        model_gpu(xg)  # tune and compile first: autotuning itself synchronises
+        model_gpu(xg)  # tune and compile first: tuning itself synchronises
         torch.cuda.synchronize()
         synced, y = None, None
         torch.cuda.set_sync_debug_mode("error")
@@ -128,7 +128,7 @@ def check_model(batch: int = 4) -> bool:
 
 
 def bench(fn, graph: bool) -> float:
-    fn()  # autotune and compile outside the timed region (and the graph capture)
+    fn()  # tune and compile outside the timed region (and the graph capture)
     torch.cuda.synchronize()
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=50)
