@@ -178,6 +178,24 @@ def test_gpu_check_script_correctness_part_runs(capsys):
     assert "MISSED" in mod.bar_summary([row])
 
 
+def test_gpu_ab_script_correctness_part_runs(capsys):
+    # benchmarks/gpu_ab.py (the A/B script for a GPU lease) checks every kernel
+    # variant before timing; that part is smoke-run here so the script stays ready.
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_ab.py"
+    spec = importlib.util.spec_from_file_location("gpu_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if DEVICE == "cpu":
+        assert mod.LAYERS == [("tiny", 32, 6)]
+    mod.LAYERS = [("tiny", 24, 5)]
+    rows = []
+    assert mod.check(rows)
+    assert len(rows) == 5 and all(r["err"] < 1e-2 for r in rows)
+    assert "FAIL" not in capsys.readouterr().out
+
+
 def test_any_weight_layout_gives_the_same_result():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 6, 5, 5, generator=gen).to(DEVICE)
