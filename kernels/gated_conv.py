@@ -62,27 +62,37 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
 
     Tiles larger than the layer (64 channels for 32 kept, 128 pixels for 7x7)
     only idle lanes. A grid smaller than about two programs per multiprocessor
-    splits its channel blocks over more programs (at most 8, at most one per
-    block), which is what made batch-1 layers fast on the H200. float32 loads
+    splits its channel steps over more programs (at most 8, at most one per
+    step), which is what made batch-1 layers fast on the H200. float32 loads
     are wide enough for Triton to pipeline through shared memory, which then
     overflows (737 KB for 256x64 at 2 stages): one stage for them."""
     if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
         return [_config(32, 16, 16)]
     fits = [(bp, bco, w) for bp, bco, w in _TILES
             if bco <= max(32, triton.next_power_of_2(k)) and bp <= max(32, triton.next_power_of_2(hw))]
-    out = []
-    for bp, bco, w in fits:
-        programs = n * triton.cdiv(hw, bp) * triton.cdiv(k, bco)
+    def split_for(programs, bci):
         split = 1
         while (split < 8 and programs * split * 2 <= 2 * _SMS
-               and split * 2 <= triton.cdiv(act_len, 32)):
+               and split * 2 <= triton.cdiv(act_len, bci)):
             split *= 2
-        out.append((programs * split, bp * bco,
-                    _config(bp, bco, 32, w, split, stages=1 if fp32 else 3)))
+        return split
+
+    out, extra = [], []  # extra: the 16-channel variants, tried after the measured kinds
+    for bp, bco, w in fits:
+        programs = n * triton.cdiv(hw, bp) * triton.cdiv(k, bco)
+        # 16-channel steps allow twice the parts where 32-channel ones run out
+        # (batch-1 128x28x28: 64 kept inputs are only 2 steps of 32); small
+        # tiles only, to keep the list short. The timing decides.
+        for bci in (32, 16) if bp * bco <= 2048 else (32,):
+            split = split_for(programs, bci)
+            if bci == 16 and split <= split_for(programs, 32):
+                continue
+            (out if bci == 32 else extra).append(
+                (programs * split, bp * bco, _config(bp, bco, bci, w, split, stages=1 if fp32 else 3)))
     # Untimed, the first is used: the largest tile that still fills the GPU,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
-    return [c for _, _, c in out] or [_config(32, 32, 32)]
+    return [c for _, _, c in out + extra] or [_config(32, 32, 32)]
 
 
 # Sizes and strides change with every layer; specialising on them (divisible by

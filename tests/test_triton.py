@@ -248,7 +248,7 @@ def test_tuner_candidates_fit_the_layer(monkeypatch):
             assert kw["BLOCK_CO"] <= max(32, 1 << (k - 1).bit_length())
             assert kw["BLOCK_P"] <= max(32, 1 << (hw - 1).bit_length())
             programs = n * -(-hw // kw["BLOCK_P"]) * -(-k // kw["BLOCK_CO"])
-            assert kw["SPLIT"] <= max(1, -(-act // 32))
+            assert kw["SPLIT"] <= max(1, -(-act // kw["BLOCK_CI"]))
             if kw["SPLIT"] > 1:
                 assert programs * kw["SPLIT"] <= 2 * 132
     batch64 = gc._candidates(64, 32, 3136, 32)[0].kwargs
