@@ -255,3 +255,16 @@ def test_tuner_candidates_fit_the_layer(monkeypatch):
     assert (batch64["BLOCK_P"], batch64["SPLIT"]) == (256, 1)
     batch1 = gc._candidates(1, 256, 49, 256)[0].kwargs
     assert (batch1["BLOCK_P"], batch1["BLOCK_CO"], batch1["SPLIT"]) == (32, 32, 8)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_64_bit_offsets_give_the_same_result(monkeypatch, split):
+    """The 64-bit offset path (tensors spanning 2^31 elements; forced here)."""
+    import triton
+    monkeypatch.setenv("DYNPRUNE_TRITON_WIDE", "1")
+    rng, gen = random.Random(77 + split), torch.Generator().manual_seed(77 + split)
+    args, geo = random_case(rng, gen, torch.float32, cin_range=(20, 70))
+    config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16, "TAPS_INNER": True,
+                            "X_T": False, "SPLIT": split}, num_warps=4)
+    y = gated_conv2d_triton(*args, *geo, config=config)
+    assert max_rel_err(y, reference64(args, geo)) < TOL[torch.float32]
