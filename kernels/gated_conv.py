@@ -69,7 +69,9 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
     if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
         return [_config(32, 16, 16)]
     fits = [(bp, bco, w) for bp, bco, w in _TILES
-            if bco <= max(32, triton.next_power_of_2(k)) and bp <= max(32, triton.next_power_of_2(hw))]
+            if bco <= max(32, triton.next_power_of_2(k))
+            and bp <= max(32, triton.next_power_of_2(hw))]
+
     def split_for(programs, bci):
         split = 1
         while (split < 8 and programs * split * 2 <= 2 * _SMS
@@ -87,8 +89,8 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
             split = split_for(programs, bci)
             if bci == 16 and split <= split_for(programs, 32):
                 continue
-            (out if bci == 32 else extra).append(
-                (programs * split, bp * bco, _config(bp, bco, bci, w, split, stages=1 if fp32 else 3)))
+            config = _config(bp, bco, bci, w, split, stages=1 if fp32 else 3)
+            (out if bci == 32 else extra).append((programs * split, bp * bco, config))
     # Untimed, the first is used: the largest tile that still fills the GPU,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
@@ -201,8 +203,9 @@ def _gated_conv_kernel(
         _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
                 syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
     else:  # partial sums: _split_finish_kernel applies the epilogue once all have landed
-        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + (_idx(j, WIDE)[None, :] * HW_OUT + p[:, None]),
-                      acc, mask=p_ok[:, None] & j_ok[None, :])
+        offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
+        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + offs, acc,
+                      mask=p_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -234,8 +237,9 @@ def _split_finish_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
     j_ok = j < K_OUT
     co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
     co = tl.minimum(tl.maximum(co, 0), Cout - 1)
-    acc = tl.load((part_ptr + n * K_OUT * HW_OUT) + (_idx(j, WIDE)[None, :] * HW_OUT + p[:, None]),
-                  mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+    offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
+    acc = tl.load((part_ptr + n * K_OUT * HW_OUT) + offs, mask=p_ok[:, None] & j_ok[None, :],
+                  other=0.0)
     _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, p // Wo, p % Wo, n, K_OUT, syn, syc,
             syh, syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
 
@@ -253,7 +257,8 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _span(t: torch.Tensor, first_dim: int) -> int:
     """Elements between the first and last addressed element of t[0, ...]
     (first_dim=1) or of t (first_dim=0), plus one."""
-    return 1 + sum((size - 1) * abs(st) for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+    dims = zip(t.shape[first_dim:], t.stride()[first_dim:])
+    return 1 + sum((size - 1) * abs(st) for size, st in dims)
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -305,8 +310,8 @@ class _Launch:
         self.cout, self.wo = Cout, Wo
         # 32-bit offsets unless one sample of x or y, the weight or the partial
         # sums span 2^31 elements (DYNPRUNE_TRITON_WIDE=1 forces 64-bit, for A/B runs)
-        self.wide = (max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw) >= 2**31
-                     or os.environ.get("DYNPRUNE_TRITON_WIDE") == "1")
+        largest = max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw)
+        self.wide = largest >= 2**31 or os.environ.get("DYNPRUNE_TRITON_WIDE") == "1"
 
     def tune(self) -> triton.Config:
         """The config for this key: the fastest candidate under CUDA graph
