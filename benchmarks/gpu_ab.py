@@ -202,7 +202,7 @@ def sweep(rows):
             static = graph_ms(lambda: F.conv2d(d["xs"], d["ws"], None, 1, 1), rep=30) * 1e3
             best = {}
             for wide in ("0", "1"):
-                os.environ["DYNPRUNE_TRITON_WIDE"] = wide
+                gc._FORCE_WIDE = wide == "1"
                 for conf in gc._candidates(batch, k, hw, k):
                     call(d, conf)
                     t = graph_ms(lambda: call(d, conf)) * 1e3
@@ -210,7 +210,7 @@ def sweep(rows):
                                      wide=wide, us=t))
                     if t < best.get(wide, (1e30, None))[0]:
                         best[wide] = (t, conf)
-            os.environ["DYNPRUNE_TRITON_WIDE"] = "0"
+            gc._FORCE_WIDE = False
             call(d)  # the first call on this key runs the tuner
             pick = gc._CHOSEN.get(gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"],
                                               d["in_idx"], (1, 1), (1, 1), (1, 1), True,

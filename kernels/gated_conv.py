@@ -39,6 +39,7 @@ __all__ = ["SUPPORTED_DTYPES", "active_channels", "gated_conv2d_triton", "dynami
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FORCE_WIDE = os.environ.get("DYNPRUNE_TRITON_WIDE") == "1"  # 64-bit offsets always (A/B runs)
 
 
 _SMS = 132  # an H100/H200's multiprocessors; replaced by the device's own count at first use
@@ -257,8 +258,10 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _span(t: torch.Tensor, first_dim: int) -> int:
     """Elements between the first and last addressed element of t[0, ...]
     (first_dim=1) or of t (first_dim=0), plus one."""
-    dims = zip(t.shape[first_dim:], t.stride()[first_dim:])
-    return 1 + sum((size - 1) * abs(st) for size, st in dims)
+    span = 1  # a plain loop: sum() over a generator took twice the host time
+    for size, st in zip(t.shape[first_dim:], t.stride()[first_dim:]):
+        span += (size - 1) * abs(st)
+    return span
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -295,7 +298,8 @@ class _Launch:
         idx = out_idx.contiguous()
         scale = out_scale.contiguous() if out_scale is not None else idx  # unused when absent
         b = bias.contiguous() if bias is not None else idx
-        precision = "ieee" if os.environ.get("DYNPRUNE_TRITON_FP32") == "ieee" else "tf32"
+        precision = ("ieee" if x.dtype == torch.float32
+                     and os.environ.get("DYNPRUNE_TRITON_FP32") == "ieee" else "tf32")
         self.tensors = (x, weight, b, self.y, idx, scale, lists, counts)
         self.ints = (N, Cin, H, W, Cout, Wo, Ho * Wo, self.k, lists.shape[1],
                      *x.stride(), *weight.stride(), *self.y.stride(),
@@ -309,9 +313,9 @@ class _Launch:
                     *(t.dtype for t in self.tensors), *self.consts.values())
         self.cout, self.wo = Cout, Wo
         # 32-bit offsets unless one sample of x or y, the weight or the partial
-        # sums span 2^31 elements (DYNPRUNE_TRITON_WIDE=1 forces 64-bit, for A/B runs)
+        # sums span 2^31 elements (_FORCE_WIDE: 64-bit always, for A/B runs)
         largest = max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw)
-        self.wide = largest >= 2**31 or os.environ.get("DYNPRUNE_TRITON_WIDE") == "1"
+        self.wide = largest >= 2**31 or _FORCE_WIDE
 
     def tune(self) -> triton.Config:
         """The config for this key: the fastest candidate under CUDA graph

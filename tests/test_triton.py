@@ -261,7 +261,8 @@ def test_tuner_candidates_fit_the_layer(monkeypatch):
 def test_64_bit_offsets_give_the_same_result(monkeypatch, split):
     """The 64-bit offset path (tensors spanning 2^31 elements; forced here)."""
     import triton
-    monkeypatch.setenv("DYNPRUNE_TRITON_WIDE", "1")
+    from dynprune.kernels import gated_conv as gc
+    monkeypatch.setattr(gc, "_FORCE_WIDE", True)
     rng, gen = random.Random(77 + split), torch.Generator().manual_seed(77 + split)
     args, geo = random_case(rng, gen, torch.float32, cin_range=(20, 70))
     config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16, "TAPS_INNER": True,
