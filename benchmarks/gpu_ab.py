@@ -2,14 +2,15 @@
 
     python benchmarks/gpu_ab.py [--out DIR] [--ncu]
 
-1. Correctness of every variant (loop order, transposed x load, split
-   reduction) at ResNet-18 sizes against the float64 reference.
+1. Correctness of every kernel variant (split reduction, 16-channel steps,
+   64-bit offsets) at ResNet-18 sizes against the float64 reference.
 2. Host time per call (the CPU side of a launch), by part, plus a cProfile of
    the whole call: plain timings of small layers measure this, not the GPU.
-3. GPU time (CUDA graph replay) of each variant and tile on the ResNet-18
-   layers, float16, keep 0.5, batch 64 and 1; dense and static cuDNN beside.
-4. With --ncu: Nsight Compute's summary of the old and the best kernel on one
-   layer, where ncu is installed.
+3. GPU time (CUDA graph replay) of each tuner candidate, with 32- and 64-bit
+   offsets, on the ResNet-18 layers, float16, keep 0.5, batch 64 and 1; dense
+   and static cuDNN beside; then the tuner's own pick.
+4. With --ncu: Nsight Compute's summary of one batch-64 tile with 32- and
+   64-bit offsets, where ncu is installed.
 Prints short tables; writes everything to DIR/gpu_ab.json (and ncu.txt).
 """
 from __future__ import annotations
@@ -85,16 +86,15 @@ def call(d, config=None):
                                   (1, 1), (1, 1), (1, 1), True, config=config)
 
 
-def cfg(bp, bco, bci, ti=True, xt=False, split=1, warps=None, stages=3):
+def cfg(bp, bco, bci, split=1, warps=None, stages=3):
     warps = warps or (8 if bp * bco >= 16384 else 4)
-    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "TAPS_INNER": ti,
-                          "X_T": xt, "SPLIT": split}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "SPLIT": split},
+                         num_warps=warps, num_stages=stages)
 
 
 def name(c):
     kw = c.kwargs
     return (f"P{kw['BLOCK_P']}xCO{kw['BLOCK_CO']}xCI{kw['BLOCK_CI']} w{c.num_warps} "
-            f"{'ti' if kw['TAPS_INNER'] else 'to'}{' xt' if kw['X_T'] else ''}"
             f"{' s%d' % kw['SPLIT'] if kw['SPLIT'] > 1 else ''}")
 
 
@@ -107,15 +107,20 @@ def check(rows):
                                      d["out_idx"], d["scale"].double(), d["in_idx"],
                                      (1, 1), (1, 1), (1, 1), True)
         errs = []
-        for ti, xt, split in [(False, False, 1), (True, False, 1), (True, True, 1),
-                              (True, False, 4), (True, True, 4)]:
-            y = call(d, cfg(32, 32, 32, ti, xt, split))
+        for bci, split, wide in [(32, 1, False), (32, 4, False), (16, 2, False), (32, 1, True),
+                                 (32, 4, True)]:
+            gc._FORCE_WIDE = wide
+            try:
+                y = call(d, cfg(32, 32, bci, split))
+            finally:
+                gc._FORCE_WIDE = False
             err = float((y.double() - ref).abs().max() / ref.abs().max())
             good = err < 1e-2 and not torch.isnan(y).any()
             ok &= good
-            errs.append(f"{'ti' if ti else 'to'}{'/xt' if xt else ''}/s{split} {err:.1e}"
+            errs.append(f"ci{bci}/s{split}{'/64-bit' if wide else ''} {err:.1e}"
                         f"{'' if good else ' FAIL'}")
-            rows.append(dict(part="check", layer=lname, ti=ti, xt=xt, split=split, err=err))
+            rows.append(dict(part="check", layer=lname, block_ci=bci, split=split, wide=wide,
+                             err=err))
         print(f"  {lname}: " + ", ".join(errs))
     return ok
 
@@ -157,8 +162,7 @@ def host(rows):
         consts = [launch.consts[k] for k in ("KH", "KW", "HAS_BIAS", "HAS_SCALE", "RELU",
                                              "IS_FP32", "PRECISION", "UPCAST", "COUNT_GIVEN")]
         full = (*args, *consts, *[c0.kwargs[k] for k in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI",
-                                                          "TAPS_INNER", "X_T", "SPLIT")],
-                launch.wide)
+                                                          "SPLIT")], launch.wide)
         runner = compiled[grid]
         y_ref = launch.y.clone()
         launch.y.zero_()
@@ -240,9 +244,9 @@ def plain(rows, tuned):
 
 
 def ncu_target(which):
-    d = case(64, 56, 64)
-    confs = {"old": cfg(128, 32, 32, ti=False), "new": cfg(128, 32, 32)}
-    call(d, confs[which])
+    d = case(64, 56, 64, wt=False)
+    gc._FORCE_WIDE = which == "64-bit"
+    call(d, cfg(256, 32, 32))
     sync()
 
 
@@ -250,7 +254,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--ncu", action="store_true")
-    ap.add_argument("--ncu-target", choices=["old", "new"])
+    ap.add_argument("--ncu-target", choices=["32-bit", "64-bit"])
     a = ap.parse_args()
     if a.ncu_target:
         return ncu_target(a.ncu_target)
@@ -277,7 +281,7 @@ def main():
         (out / "gpu_ab.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.ncu and shutil.which("ncu"):
         text = ""
-        for which in ("old", "new"):
+        for which in ("32-bit", "64-bit"):
             cmd = ["ncu", "--clock-control", "none", "-k", "regex:_gated_conv_kernel", "-c", "1",
                    "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis",
                    "--section", "Occupancy", "--section", "LaunchStats", sys.executable,

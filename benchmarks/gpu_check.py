@@ -225,12 +225,15 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
     # Correctness needs no tuning: the untimed pick saves a tuning run per case.
-    os.environ["DYNPRUNE_TRITON_AUTOTUNE"], tune = "0", os.environ.get("DYNPRUNE_TRITON_AUTOTUNE")
-    ok = check_correctness(gen)
-    if tune is None:
-        del os.environ["DYNPRUNE_TRITON_AUTOTUNE"]
-    else:
-        os.environ["DYNPRUNE_TRITON_AUTOTUNE"] = tune
+    tune = os.environ.get("DYNPRUNE_TRITON_AUTOTUNE")
+    os.environ["DYNPRUNE_TRITON_AUTOTUNE"] = "0"
+    try:
+        ok = check_correctness(gen)
+    finally:
+        if tune is None:
+            del os.environ["DYNPRUNE_TRITON_AUTOTUNE"]
+        else:
+            os.environ["DYNPRUNE_TRITON_AUTOTUNE"] = tune
     if not ok:
         print("gpu_check: correctness FAILED; not timing", file=sys.stderr)
         return 1
