@@ -86,16 +86,19 @@ def call(d, config=None):
                                   (1, 1), (1, 1), (1, 1), True, config=config)
 
 
-def cfg(bp, bco, bci, split=1, warps=None, stages=3):
+def cfg(bp, bco, bci, split=1, warps=None, stages=3, pack=0):
     warps = warps or (8 if bp * bco >= 16384 else 4)
-    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "SPLIT": split},
-                         num_warps=warps, num_stages=stages)
+    return gc._config(bp, bco, bci, warps, split, stages, pack)
+
+
+PACKS = {0: "gather", 1: "pack x", 2: "pack x+w"}
 
 
 def name(c):
     kw = c.kwargs
-    return (f"P{kw['BLOCK_P']}xCO{kw['BLOCK_CO']}xCI{kw['BLOCK_CI']} w{c.num_warps} "
-            f"{' s%d' % kw['SPLIT'] if kw['SPLIT'] > 1 else ''}")
+    return (f"P{kw['BLOCK_P']}xCO{kw['BLOCK_CO']}xCI{kw['BLOCK_CI']} w{c.num_warps}"
+            f"{' s%d' % kw['SPLIT'] if kw['SPLIT'] > 1 else ''}"
+            f"{' ' + PACKS[kw['PACK']] if kw.get('PACK') else ''}")
 
 
 def check(rows):
@@ -107,20 +110,21 @@ def check(rows):
                                      d["out_idx"], d["scale"].double(), d["in_idx"],
                                      (1, 1), (1, 1), (1, 1), True)
         errs = []
-        for bci, split, wide in [(32, 1, False), (32, 4, False), (16, 2, False), (32, 1, True),
-                                 (32, 4, True)]:
+        for bci, split, wide, pack in [(32, 1, False, 0), (32, 4, False, 0), (16, 2, False, 0),
+                                       (32, 1, True, 0), (32, 1, False, 1), (32, 4, False, 1),
+                                       (32, 1, False, 2), (16, 2, False, 2), (32, 1, True, 2)]:
             gc._FORCE_WIDE = wide
             try:
-                y = call(d, cfg(32, 32, bci, split))
+                y = call(d, cfg(32, 32, bci, split, pack=pack))
             finally:
                 gc._FORCE_WIDE = False
             err = float((y.double() - ref).abs().max() / ref.abs().max())
             good = err < 1e-2 and not torch.isnan(y).any()
             ok &= good
-            errs.append(f"ci{bci}/s{split}{'/64-bit' if wide else ''} {err:.1e}"
+            errs.append(f"ci{bci}/s{split}{'/64-bit' if wide else ''}/p{pack} {err:.1e}"
                         f"{'' if good else ' FAIL'}")
             rows.append(dict(part="check", layer=lname, block_ci=bci, split=split, wide=wide,
-                             err=err))
+                             pack=pack, err=err))
         print(f"  {lname}: " + ", ".join(errs))
     return ok
 
@@ -191,8 +195,8 @@ def host(rows):
 
 def sweep(rows):
     print("3. GPU time (CUDA graph replay, us), float16, keep 0.5, kept inputs given, weight as"
-          " nn.Conv2d stores it; each tuner candidate with 32- and 64-bit offsets, then the tuner's"
-          " own pick:")
+          " nn.Conv2d stores it; every tuner candidate, best per kind (gathers, packed input,"
+          " packed input and weights), the packing alone, then the tuner's own pick:")
     if DEV == "cuda":
         gc._SMS = torch.cuda.get_device_properties(0).multi_processor_count
     tuned = {}
@@ -204,31 +208,36 @@ def sweep(rows):
             w0 = torch.randn(c, c, 3, 3, device=DEV, dtype=DT)
             dense = graph_ms(lambda: F.conv2d(x0, w0, None, 1, 1), rep=30) * 1e3
             static = graph_ms(lambda: F.conv2d(d["xs"], d["ws"], None, 1, 1), rep=30) * 1e3
+            launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
+                                (1, 1), (1, 1), (1, 1), True, None)
             best = {}
-            for wide in ("0", "1"):
-                gc._FORCE_WIDE = wide == "1"
-                for conf in gc._candidates(batch, k, hw, k):
+            for conf in gc._candidates(batch, k, hw, k, False, launch.packed_w_size):
+                try:
                     call(d, conf)
-                    t = graph_ms(lambda: call(d, conf)) * 1e3
-                    rows.append(dict(part="sweep", layer=lname, batch=batch, config=name(conf),
-                                     wide=wide, us=t))
-                    if t < best.get(wide, (1e30, None))[0]:
-                        best[wide] = (t, conf)
-            gc._FORCE_WIDE = False
+                    t = graph_ms(lambda: call(d, conf), rep=10) * 1e3
+                except Exception as exc:  # e.g. out of shared memory: the tuner skips those too
+                    print(f"    {name(conf)}: {type(exc).__name__}")
+                    continue
+                kind = conf.kwargs.get("PACK", 0)
+                rows.append(dict(part="sweep", layer=lname, batch=batch, config=name(conf),
+                                 pack=kind, us=t))
+                if t < best.get(kind, (1e30, None))[0]:
+                    best[kind] = (t, conf)
+            pack_us = {pw: graph_ms(lambda: launch.pack(pw), rep=10) * 1e3 for pw in (False, True)}
             call(d)  # the first call on this key runs the tuner
-            pick = gc._CHOSEN.get(gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"],
-                                              d["in_idx"], (1, 1), (1, 1), (1, 1), True,
-                                              None).key)
+            pick = gc._CHOSEN.get(launch.key)
             t_pick = graph_ms(lambda: call(d), rep=30) * 1e3
             tuned[(lname, batch)] = pick
             rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense,
-                             static_us=static, best32_us=best["0"][0], best32=name(best["0"][1]),
-                             best64_us=best["1"][0], best64=name(best["1"][1]), tuned_us=t_pick,
-                             tuned=name(pick) if pick else None))
-            print(f"  {lname} b{batch:<3} dense {dense:6.1f} static {static:6.1f} | 32-bit best "
-                  f"{best['0'][0]:6.1f} {name(best['0'][1]):28} | 64-bit best {best['1'][0]:6.1f} | "
-                  f"tuned {t_pick:6.1f} {name(pick) if pick else '?':28} | dense/tuned "
-                  f"{dense / t_pick:.2f} tuned/static {t_pick / static:.2f}", flush=True)
+                             static_us=static, tuned_us=t_pick, tuned=name(pick) if pick else None,
+                             pack_x_us=pack_us[False], pack_xw_us=pack_us[True],
+                             **{f"best_{PACKS[kd]}": (bt, name(bc)) for kd, (bt, bc) in best.items()}))
+            kinds = " | ".join(f"{PACKS[kd]} {bt:6.1f} {name(bc):26}" for kd, (bt, bc) in
+                               sorted(best.items()))
+            print(f"  {lname} b{batch:<3} dense {dense:6.1f} static {static:6.1f} | {kinds} | "
+                  f"packing x {pack_us[False]:5.1f} x+w {pack_us[True]:5.1f} | tuned {t_pick:6.1f}"
+                  f" {name(pick) if pick else '?'} | dense/tuned {dense / t_pick:.2f} "
+                  f"tuned/static {t_pick / static:.2f}", flush=True)
     return tuned
 
 

@@ -43,11 +43,15 @@ _FORCE_WIDE = os.environ.get("DYNPRUNE_TRITON_WIDE") == "1"  # 64-bit offsets al
 
 
 _SMS = 132  # an H100/H200's multiprocessors; replaced by the device's own count at first use
+_PACK_C, _PACK_O = 32, 64  # the packed path's buffers round channel counts up to these
+_PACK_W_MAX = 2**26  # elements of packed weights beyond which PACK=2 is not tried
 
 
-def _config(bp, bco, bci, warps=4, split=1, stages=3):
-    return triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "SPLIT": split},
-                         num_warps=warps, num_stages=stages)
+def _config(bp, bco, bci, warps=4, split=1, stages=3, pack=0):
+    kw = {"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "SPLIT": split}
+    if pack:
+        kw["PACK"] = pack
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 # Tiles (BLOCK_P, BLOCK_CO, warps) the tuner tries, best-first by the H200
@@ -57,7 +61,8 @@ _TILES = [(256, 64, 8), (256, 32, 4), (128, 64, 4), (128, 32, 4), (64, 64, 4), (
           (32, 32, 4)]
 
 
-def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
+def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
+                packed_w_size: int = 0):
     """Configs worth timing for a layer, the heuristic's pick first.
 
     Tiles larger than the layer (64 channels for 32 kept, 128 pixels for 7x7)
@@ -94,7 +99,14 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False):
     # Untimed, the first is used: the largest tile that still fills the GPU,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
-    return [c for _, _, c in out + extra] or [_config(32, 32, 32)]
+    plain = [c for _, _, c in out + extra] or [_config(32, 32, 32)]
+    packed = []  # the packed input (and weights) for each 32-channel tile
+    for _, _, c in out:
+        kw = c.kwargs
+        for pack in (1, 2) if packed_w_size <= _PACK_W_MAX else (1,):
+            packed.append(_config(kw["BLOCK_P"], kw["BLOCK_CO"], kw["BLOCK_CI"], c.num_warps,
+                                  kw["SPLIT"], stages=3, pack=pack))
+    return plain + packed
 
 
 # Sizes and strides change with every layer; specialising on them (divisible by
@@ -130,6 +142,12 @@ def _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc, sxh,
                  other=0.0)
     wv = tl.load(w_j + ci[:, None] * swi + r * swh + s * sww, mask=i_ok[:, None] & j_ok[None, :],
                  other=0.0)
+    return _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
+
+
+@triton.jit
+def _mma(acc, xv, wv, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += xv @ wv in the dtype's tensor-core mode."""
     if IS_FP32:
         acc += tl.dot(xv, wv, input_precision=PRECISION)
     elif UPCAST:  # Triton's CPU interpreter has no bfloat16 dot
@@ -231,6 +249,144 @@ def _split_finish_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
             syh, syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
 
 
+# --- Packed path (config key PACK): the gathers move out of the inner loop ---
+#
+# PACK=1: the sample's active input channels are first copied into a compact
+# channels-last buffer with a zero halo, xc[n, Hp, Wp, CK] (CK: the list length
+# rounded up to 32, zeros past each sample's count). A tile's x loads are then
+# rows of BLOCK_CI contiguous channels with no masks, which Triton turns into
+# 16-byte vector loads and pipelines through shared memory; the gathered
+# element loads of the plain kernel cannot be pipelined.
+# PACK=2: the kept weights are copied per sample too, wp[n, tap, CK, KP]
+# (KP: the kept-output count rounded up to 64), so the weight tile is
+# contiguous as well; this costs N*taps*CK*KP elements of traffic, so it can
+# only pay where the layer's weights are small next to its activations.
+# The reduction runs over (channel block, tap) steps in one flat loop: each
+# step loads one x tile and one weight tile, small enough to pipeline.
+
+
+
+@triton.jit(do_not_specialize=["Cin", "H", "W", "WP", "HPWP", "ACT_LEN", "sxn", "sxc", "sxh",
+                               "sxw", "pad_h", "pad_w"])
+def _pack_x_kernel(x_ptr, xc_ptr, act_ptr, count_ptr, Cin, H, W, WP, HPWP, ACT_LEN, CK,
+                   sxn, sxc, sxh, sxw, pad_h, pad_w,
+                   COUNT_GIVEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+                   WIDE: tl.constexpr):
+    """xc[n, q, j] = x[n, act[n, j], q's row - pad_h, q's column - pad_w], zero in
+    the halo and for j past the sample's count."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # pixels of the padded map
+    jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n = tl.program_id(2).to(tl.int64)
+    if COUNT_GIVEN:
+        count = ACT_LEN
+    else:
+        count = tl.load(count_ptr + n)
+    q_ok = q < HPWP
+    j_ok = jj < count
+    ih = q // WP - pad_h
+    iw = q % WP - pad_w
+    inside = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=j_ok, other=0), WIDE)
+    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+    v = tl.load((x_ptr + n * sxn) + ci[None, :] * sxc
+                + (_idx(ih, WIDE) * sxh + _idx(iw, WIDE) * sxw)[:, None],
+                mask=inside[:, None] & j_ok[None, :], other=0.0)
+    offs = _idx(q, WIDE)[:, None] * CK + jj[None, :]
+    tl.store((xc_ptr + n * HPWP * CK) + offs, v, mask=q_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["Cin", "Cout", "K_OUT", "ACT_LEN", "swo", "swi", "swh", "sww"])
+def _pack_w_kernel(w_ptr, wp_ptr, out_idx_ptr, act_ptr, count_ptr, Cin, Cout, K_OUT, ACT_LEN,
+                   CK, KP, swo, swi, swh, sww,
+                   KH: tl.constexpr, KW: tl.constexpr, COUNT_GIVEN: tl.constexpr,
+                   BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, WIDE: tl.constexpr):
+    """wp[n, tap, j, o] = w[out_idx[n, o], act[n, j], tap], zero past the lists."""
+    o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n = tl.program_id(2).to(tl.int64)
+    if COUNT_GIVEN:
+        count = ACT_LEN
+    else:
+        count = tl.load(count_ptr + n)
+    o_ok = o < K_OUT
+    j_ok = jj < count
+    co = _idx(tl.load(out_idx_ptr + n * K_OUT + o, mask=o_ok, other=0), WIDE)
+    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
+    ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=j_ok, other=0), WIDE)
+    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+    src = w_ptr + co[None, :] * swo + ci[:, None] * swi
+    dst = (wp_ptr + n * (KH * KW) * CK * KP) + (_idx(jj, WIDE)[:, None] * KP + o[None, :])
+    for r in tl.static_range(KH):
+        for s in tl.static_range(KW):
+            v = tl.load(src + r * swh + s * sww, mask=j_ok[:, None] & o_ok[None, :], other=0.0)
+            tl.store(dst + (r * KW + s) * CK * KP, v)
+
+
+@triton.jit(do_not_specialize=["Cin", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN", "WP", "HPWP",
+                               "swo", "swi", "swh", "sww", "syn", "syc", "syh", "syw",
+                               "stride_h", "stride_w", "dil_h", "dil_w"])
+def _packed_conv_kernel(
+    xc_ptr, w_ptr, wp_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr, part_ptr,
+    Cin, Cout, Wo, HW_OUT, K_OUT, ACT_LEN, WP, HPWP, CK, KP,
+    swo, swi, swh, sww, syn, syc, syh, syw, stride_h, stride_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    COUNT_GIVEN: tl.constexpr, PACK_W: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    SPLIT: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The gated conv over a packed input (and, with PACK_W, packed weights)."""
+    pid_p = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    n = (tl.program_id(2) // SPLIT).to(tl.int64)
+    part = tl.program_id(2) % SPLIT
+
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HW_OUT
+    pc = tl.minimum(p, HW_OUT - 1)  # tail pixels repeat the last one: loads need no mask
+    oh = pc // Wo
+    ow = pc % Wo
+    pix = _idx(oh * stride_h, WIDE) * WP + _idx(ow * stride_w, WIDE)  # tap (0, 0), padded map
+    j = pid_j * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    j_ok = j < K_OUT
+    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
+    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
+    if COUNT_GIVEN:
+        count = ACT_LEN
+    else:
+        count = tl.load(count_ptr + n)
+
+    xc_n = xc_ptr + n * HPWP * CK
+    wp_n = wp_ptr + n * (KH * KW) * CK * KP
+    c0 = tl.arange(0, BLOCK_CI)
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    steps = tl.cdiv(count, BLOCK_CI) * (KH * KW)
+    for t in range(part, steps, SPLIT):
+        tap = t % (KH * KW)
+        r = tap // KW
+        s = tap % KW
+        jj = (t // (KH * KW)) * BLOCK_CI + c0  # < CK: no mask (zeros past the count)
+        x_off = (pix + r * dil_h * WP + s * dil_w) * CK
+        xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
+        if PACK_W:
+            wv = tl.load(wp_n + tap * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
+        else:
+            i_ok = jj < count
+            ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=i_ok, other=0), WIDE)
+            ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+            wv = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + r * swh + s * sww,
+                         mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
+
+    if SPLIT == 1:
+        _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
+                syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
+    else:
+        offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
+        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + offs, acc,
+                      mask=p_ok[:, None] & j_ok[None, :])
+
+
 def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample lists ``[N, Cin]`` (int32) of the input channels holding any
     non-zero value (NaN counts as non-zero), ascending and first in each row,
@@ -298,9 +454,17 @@ class _Launch:
         self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0],
                     *(t.dtype for t in self.tensors), *self.consts.values())
         self.cout, self.wo = Cout, Wo
-        # 32-bit offsets unless one sample of x or y, the weight or the partial
-        # sums span 2^31 elements (_FORCE_WIDE: 64-bit always, for A/B runs)
-        largest = max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw)
+        # the packed path's buffers (PACK >= 1): padded map, rounded-up lists
+        self.geometry = (H, W, *padding, *stride, *dilation)
+        self.hp, self.wp = H + 2 * padding[0], W + 2 * padding[1]
+        self.ck = triton.cdiv(lists.shape[1], _PACK_C) * _PACK_C
+        self.kp = triton.cdiv(self.k, _PACK_O) * _PACK_O
+        self.packed_w_size = N * KH * KW * self.ck * self.kp
+        # 32-bit offsets unless one sample of x or y (or its packed copies), the
+        # weight or the partial sums span 2^31 elements (_FORCE_WIDE: 64-bit
+        # always, for A/B runs)
+        largest = max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw,
+                      self.hp * self.wp * self.ck, KH * KW * self.ck * self.kp)
         self.wide = largest >= 2**31 or _FORCE_WIDE
 
     def tune(self) -> triton.Config:
@@ -312,7 +476,8 @@ class _Launch:
         x = self.tensors[0]
         if x.is_cuda:
             _SMS = torch.cuda.get_device_properties(x.device).multi_processor_count
-        cands = _candidates(self.n, self.k, self.hw, self.ints[8], self.consts["IS_FP32"])
+        cands = _candidates(self.n, self.k, self.hw, self.ints[8], self.consts["IS_FP32"],
+                            self.packed_w_size)
         timed = (len(cands) > 1 and not _INTERPRET and x.is_cuda
                  and os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") != "0"
                  and not torch.cuda.is_current_stream_capturing())
@@ -333,20 +498,58 @@ class _Launch:
 
     def run(self, config):
         """Launch with a given config, straight through the JIT."""
-        split = config.kwargs["SPLIT"]
+        kwargs = config.all_kwargs()
+        pack = kwargs.pop("PACK", 0)
+        split = kwargs["SPLIT"]
         # A split reduction adds float32 partial sums here; otherwise the slot is unused.
         part = (torch.zeros((self.n, self.k, self.hw), dtype=torch.float32, device=self.y.device)
                 if split > 1 else self.y)
-        grid = (triton.cdiv(self.hw, config.kwargs["BLOCK_P"]),
-                triton.cdiv(self.k, config.kwargs["BLOCK_CO"]), self.n * split)
-        _gated_conv_kernel[grid](*self.tensors, part, *self.ints, **self.consts,
-                                 WIDE=self.wide, **config.all_kwargs())
+        grid = (triton.cdiv(self.hw, kwargs["BLOCK_P"]), triton.cdiv(self.k, kwargs["BLOCK_CO"]),
+                self.n * split)
+        if pack:
+            self._run_packed(grid, part, pack == 2, kwargs)
+        else:
+            _gated_conv_kernel[grid](*self.tensors, part, *self.ints, **self.consts,
+                                     WIDE=self.wide, **kwargs)
         if split > 1:
             _, _, b, y, idx, scale, _, _ = self.tensors
             _split_finish_kernel[(triton.cdiv(self.hw, 64), triton.cdiv(self.k, 32), self.n)](
                 part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, *y.stride(),
                 HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
                 RELU=self.consts["RELU"], BLOCK_P=64, BLOCK_CO=32, WIDE=self.wide)
+
+
+    def pack(self, pack_w: bool):
+        """The packed buffers of PACK >= 1: each sample's active input channels
+        channels-last with a zero halo, and with pack_w its kept weights."""
+        x, weight, _, _, idx, _, lists, counts = self.tensors
+        n, act_len = self.n, lists.shape[1]
+        H, W, pad_h, pad_w = self.geometry[:4]
+        KH, KW, given = self.consts["KH"], self.consts["KW"], self.consts["COUNT_GIVEN"]
+        xc = torch.empty((n, self.hp * self.wp, self.ck), dtype=x.dtype, device=x.device)
+        _pack_x_kernel[(triton.cdiv(self.hp * self.wp, 64), self.ck // _PACK_C, n)](
+            x, xc, lists, counts, x.shape[1], H, W, self.wp, self.hp * self.wp, act_len, self.ck,
+            *x.stride(), pad_h, pad_w, COUNT_GIVEN=given, BLOCK_Q=64, BLOCK_J=_PACK_C,
+            WIDE=self.wide)
+        if not pack_w:
+            return xc, xc  # the second is an unused pointer slot
+        wp = torch.empty((n, KH * KW, self.ck, self.kp), dtype=weight.dtype, device=x.device)
+        _pack_w_kernel[(self.kp // _PACK_O, self.ck // _PACK_C, n)](
+            weight, wp, idx, lists, counts, x.shape[1], self.cout, self.k, act_len, self.ck,
+            self.kp, *weight.stride(), KH=KH, KW=KW, COUNT_GIVEN=given, BLOCK_J=_PACK_C,
+            BLOCK_O=_PACK_O, WIDE=self.wide)
+        return xc, wp
+
+    def _run_packed(self, grid, part, pack_w, kwargs):
+        x, weight, b, y, idx, scale, lists, counts = self.tensors
+        xc, wp = self.pack(pack_w)
+        stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
+        _packed_conv_kernel[grid](
+            xc, weight, wp, b, y, idx, scale, lists, counts, part,
+            x.shape[1], self.cout, self.wo, self.hw, self.k, lists.shape[1], self.wp,
+            self.hp * self.wp, self.ck, self.kp, *weight.stride(), *y.stride(),
+            stride_h, stride_w, dil_h, dil_w, **self.consts, PACK_W=pack_w, WIDE=self.wide,
+            **kwargs)
 
 
 def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

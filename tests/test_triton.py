@@ -192,7 +192,8 @@ def test_gpu_ab_script_correctness_part_runs(capsys):
     mod.LAYERS = [("tiny", 24, 5)]
     rows = []
     assert mod.check(rows)
-    assert len(rows) == 5 and all(r["err"] < 1e-2 for r in rows)
+    assert len(rows) == 9 and all(r["err"] < 1e-2 for r in rows)
+    assert {r["pack"] for r in rows} == {0, 1, 2}
     assert "FAIL" not in capsys.readouterr().out
 
 
