@@ -91,7 +91,7 @@ def cfg(bp, bco, bci, split=1, warps=None, stages=3, pack=0):
     return gc._config(bp, bco, bci, warps, split, stages, pack)
 
 
-PACKS = {0: "gather", 1: "pack x", 2: "pack x+w"}
+PACKS = {0: "gather", 1: "packed"}
 
 
 def name(c):
@@ -112,7 +112,7 @@ def check(rows):
         errs = []
         for bci, split, wide, pack in [(32, 1, False, 0), (32, 4, False, 0), (16, 2, False, 0),
                                        (32, 1, True, 0), (32, 1, False, 1), (32, 4, False, 1),
-                                       (32, 1, False, 2), (16, 2, False, 2), (32, 1, True, 2)]:
+                                       (32, 1, True, 1)]:
             gc._FORCE_WIDE = wide
             try:
                 y = call(d, cfg(32, 32, bci, split, pack=pack))
@@ -148,6 +148,7 @@ def host(rows):
     call(d, c0)
     launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"], (1, 1),
                         (1, 1), (1, 1), True, None)
+    launch.y.zero_()  # the conv kernel alone leaves pruned channels unwritten
     args = (*launch.tensors, launch.y, *launch.ints)
     grid = (triton.cdiv(launch.hw, 64), triton.cdiv(launch.k, 32), 1)
     jit = gc._gated_conv_kernel
@@ -164,7 +165,8 @@ def host(rows):
     }
     try:  # a compiled kernel launched directly: Triton-version dependent
         consts = [launch.consts[k] for k in ("KH", "KW", "HAS_BIAS", "HAS_SCALE", "RELU",
-                                             "IS_FP32", "PRECISION", "UPCAST", "COUNT_GIVEN")]
+                                             "IS_FP32", "PRECISION", "UPCAST", "COUNT_GIVEN",
+                                             "FLAT_Y")]
         full = (*args, *consts, *[c0.kwargs[k] for k in ("BLOCK_P", "BLOCK_CO", "BLOCK_CI",
                                                           "SPLIT")], launch.wide)
         runner = compiled[grid]
@@ -195,8 +197,8 @@ def host(rows):
 
 def sweep(rows):
     print("3. GPU time (CUDA graph replay, us), float16, keep 0.5, kept inputs given, weight as"
-          " nn.Conv2d stores it; every tuner candidate, best per kind (gathers, packed input,"
-          " packed input and weights), the packing alone, then the tuner's own pick:")
+          " nn.Conv2d stores it; every tuner candidate, best per kind (gathers, packed input"
+          " and weights), the packing alone, then the tuner's own pick:")
     if DEV == "cuda":
         gc._SMS = torch.cuda.get_device_properties(0).multi_processor_count
     tuned = {}
@@ -211,7 +213,11 @@ def sweep(rows):
             launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
                                 (1, 1), (1, 1), (1, 1), True, None)
             best = {}
-            for conf in gc._candidates(batch, k, hw, k, False, launch.packed_w_size):
+            cands = gc._candidates(batch, k, hw, k, False, launch.packed_w_size,
+                                   launch.packed_x_size)
+            if not any(c.kwargs.get("PACK") for c in cands):  # time the packed path anyway
+                cands.append(cfg(64, 64 if k >= 64 else 32, 32, pack=1))
+            for conf in cands:
                 try:
                     call(d, conf)
                     t = graph_ms(lambda: call(d, conf), rep=10) * 1e3
@@ -223,19 +229,19 @@ def sweep(rows):
                                  pack=kind, us=t))
                 if t < best.get(kind, (1e30, None))[0]:
                     best[kind] = (t, conf)
-            pack_us = {pw: graph_ms(lambda: launch.pack(pw), rep=10) * 1e3 for pw in (False, True)}
+            pack_us = graph_ms(launch.pack, rep=10) * 1e3
             call(d)  # the first call on this key runs the tuner
             pick = gc._CHOSEN.get(launch.key)
             t_pick = graph_ms(lambda: call(d), rep=30) * 1e3
             tuned[(lname, batch)] = pick
             rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense,
                              static_us=static, tuned_us=t_pick, tuned=name(pick) if pick else None,
-                             pack_x_us=pack_us[False], pack_xw_us=pack_us[True],
+                             packing_us=pack_us,
                              **{f"best_{PACKS[kd]}": (bt, name(bc)) for kd, (bt, bc) in best.items()}))
             kinds = " | ".join(f"{PACKS[kd]} {bt:6.1f} {name(bc):26}" for kd, (bt, bc) in
                                sorted(best.items()))
             print(f"  {lname} b{batch:<3} dense {dense:6.1f} static {static:6.1f} | {kinds} | "
-                  f"packing x {pack_us[False]:5.1f} x+w {pack_us[True]:5.1f} | tuned {t_pick:6.1f}"
+                  f"packing {pack_us:5.1f} | tuned {t_pick:6.1f}"
                   f" {name(pick) if pick else '?'} | dense/tuned {dense / t_pick:.2f} "
                   f"tuned/static {t_pick / static:.2f}", flush=True)
     return tuned

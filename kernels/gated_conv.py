@@ -44,7 +44,11 @@ _FORCE_WIDE = os.environ.get("DYNPRUNE_TRITON_WIDE") == "1"  # 64-bit offsets al
 
 _SMS = 132  # an H100/H200's multiprocessors; replaced by the device's own count at first use
 _PACK_C, _PACK_O = 32, 64  # the packed path's buffers round channel counts up to these
-_PACK_W_MAX = 2**26  # elements of packed weights beyond which PACK=2 is not tried
+# The packed path is tried only where its weight copy has at most this many
+# elements per element of the packed input (taps * KP / padded pixels: 0.17,
+# 0.64, 4.5 and 28 on ResNet-18's 3x3 layers at keep 0.5; on an H100 at batch
+# 64 packing won on the first three, by 36%, 32% and 12%).
+_PACK_W_RATIO = 8
 
 
 def _config(bp, bco, bci, warps=4, split=1, stages=3, pack=0):
@@ -62,7 +66,7 @@ _TILES = [(256, 64, 8), (256, 32, 4), (128, 64, 4), (128, 32, 4), (64, 64, 4), (
 
 
 def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
-                packed_w_size: int = 0):
+                packed_w_size: int = 0, packed_x_size: int = 0):
     """Configs worth timing for a layer, the heuristic's pick first.
 
     Tiles larger than the layer (64 channels for 32 kept, 128 pixels for 7x7)
@@ -100,13 +104,13 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
     plain = [c for _, _, c in out + extra] or [_config(32, 32, 32)]
-    packed = []  # the packed input (and weights) for each 32-channel tile
-    for _, _, c in out:
-        kw = c.kwargs
-        for pack in (1, 2) if packed_w_size <= _PACK_W_MAX else (1,):
-            packed.append(_config(kw["BLOCK_P"], kw["BLOCK_CO"], kw["BLOCK_CI"], c.num_warps,
-                                  kw["SPLIT"], stages=3, pack=pack))
-    return plain + packed
+    if packed_w_size > _PACK_W_RATIO * packed_x_size:
+        return plain
+    # the packed path for each 32-channel tile that fills the GPU unsplit (split
+    # grids are small, where the packing's two extra kernels cost more than
+    # they save: 15-30% slower at batch 1 on an H100), timed after the others
+    return plain + [_config(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], 32, c.num_warps,
+                            stages=3, pack=1) for _, _, c in out if c.kwargs["SPLIT"] == 1]
 
 
 # Sizes and strides change with every layer; specialising on them (divisible by
@@ -165,7 +169,7 @@ def _gated_conv_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    COUNT_GIVEN: tl.constexpr,
+    COUNT_GIVEN: tl.constexpr, FLAT_Y: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -204,19 +208,44 @@ def _gated_conv_kernel(
                                 sxw, swi, swh, sww, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                 IS_FP32, PRECISION, UPCAST, WIDE)
 
-    if SPLIT == 1:
-        _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
-                syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
-    else:  # partial sums: _split_finish_kernel applies the epilogue once all have landed
-        offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
-        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + offs, acc,
-                      mask=p_ok[:, None] & j_ok[None, :])
+    _finish_or_part(acc, b_ptr, scale_ptr, y_ptr, part_ptr, co, j, j_ok, p, p_ok, oh, ow, n,
+                    K_OUT, HW_OUT, syn, syc, syh, syw, HAS_BIAS, HAS_SCALE, RELU, FLAT_Y, SPLIT,
+                    WIDE)
 
 
 @triton.jit
-def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh, syw,
-            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
-            WIDE: tl.constexpr):
+def _finish_or_part(acc, b_ptr, scale_ptr, y_ptr, part_ptr, co, j, j_ok, p, p_ok, oh, ow, n,
+                    K_OUT, HW_OUT, syn, syc, syh, syw, HAS_BIAS: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, RELU: tl.constexpr, FLAT_Y: tl.constexpr,
+                    SPLIT: tl.constexpr, WIDE: tl.constexpr):
+    """A conv program's result: the finished tile, or with a split reduction this
+    part's float32 partial sums, parts[n, part, j, pixel] (_complete_kernel adds
+    them; no atomics, so no zeroed buffer and the same result every call)."""
+    if SPLIT == 1:
+        _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p, p_ok, oh, ow, n, K_OUT, syn, syc,
+                syh, syw, HAS_BIAS, HAS_SCALE, RELU, FLAT_Y, WIDE)
+    else:
+        offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
+        tl.store((part_ptr + tl.program_id(2).to(tl.int64) * K_OUT * HW_OUT) + offs, acc,
+                 mask=p_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _y_offsets(co, p, oh, ow, syc, syh, syw, FLAT_Y: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets of y[., co, pixel] in one sample. FLAT_Y (each channel's map
+    contiguous, as in a new NCHW y): the pixel index itself, which Triton sees
+    is contiguous along the tile and stores as vectors."""
+    if FLAT_Y:
+        pix = _idx(p, WIDE)
+    else:
+        pix = _idx(oh, WIDE) * syh + _idx(ow, WIDE) * syw
+    return co[None, :] * syc + pix[:, None]
+
+
+@triton.jit
+def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
+            syw, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
+            FLAT_Y: tl.constexpr, WIDE: tl.constexpr):
     """Bias, gate scale and ReLU on a [pixels, kept channels] tile, stored to y."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=j_ok, other=0.0).to(tl.float32)[None, :]
@@ -224,47 +253,67 @@ def _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, s
         acc *= tl.load(scale_ptr + n * K_OUT + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
-    y_ptrs = (y_ptr + n * syn) + (co[None, :] * syc + _idx(oh, WIDE)[:, None] * syh
-                                  + _idx(ow, WIDE)[:, None] * syw)
+    y_ptrs = (y_ptr + n * syn) + _y_offsets(co, p, oh, ow, syc, syh, syw, FLAT_Y, WIDE)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["Cout", "Wo", "HW_OUT", "K_OUT", "syn", "syc", "syh", "syw"])
-def _split_finish_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
-                         Cout, Wo, HW_OUT, K_OUT, syn, syc, syh, syw,
-                         HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, WIDE: tl.constexpr):
-    """The epilogue of a split reduction: float32 sums [N, K, pixels] -> y."""
+@triton.jit(do_not_specialize=["Cout", "Wo", "HW_OUT", "K_OUT", "SEARCH_STEPS", "syn", "syc",
+                               "syh", "syw"])
+def _complete_kernel(part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
+                     Cout, Wo, HW_OUT, K_OUT, SEARCH_STEPS, syn, syc, syh, syw,
+                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr,
+                     SPLIT: tl.constexpr, FLAT_Y: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """Writes the pruned channels of y as zeros (y is not zeroed beforehand:
+    half the bytes of a memset) and, after a split reduction (SPLIT > 1), the
+    kept channels as the epilogue of their summed partials. A program covers a
+    block of all output channels; each finds its position in the sample's
+    sorted kept list by binary search."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    j = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2).to(tl.int64)
     p_ok = p < HW_OUT
-    j_ok = j < K_OUT
-    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
-    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
-    offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
-    acc = tl.load((part_ptr + n * K_OUT * HW_OUT) + offs, mask=p_ok[:, None] & j_ok[None, :],
-                  other=0.0)
-    _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, p // Wo, p % Wo, n, K_OUT, syn, syc,
-            syh, syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
+    c_ok = c < Cout
+    row = out_idx_ptr + n * K_OUT
+    lo = tl.zeros([BLOCK_C], dtype=tl.int32)  # first position whose channel is >= c
+    hi = tl.zeros([BLOCK_C], dtype=tl.int32) + K_OUT
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(row + mid, mask=mid < K_OUT, other=0) < c
+        open_ = lo < hi
+        lo = tl.where(open_ & below, mid + 1, lo)
+        hi = tl.where(open_ & ~below, mid, hi)
+    kept = c_ok & (lo < K_OUT) & (tl.load(row + lo, mask=lo < K_OUT, other=-1) == c)
+    oh = p // Wo
+    ow = p % Wo
+    if SPLIT > 1:
+        offs = _idx(lo, WIDE)[None, :] * HW_OUT + p[:, None]
+        m = p_ok[:, None] & kept[None, :]
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for part in tl.static_range(SPLIT):
+            acc += tl.load((part_ptr + (n * SPLIT + part) * K_OUT * HW_OUT) + offs, mask=m,
+                           other=0.0)
+        _finish(acc, b_ptr, scale_ptr, y_ptr, c, lo, kept, p, p_ok, oh, ow, n, K_OUT, syn, syc,
+                syh, syw, HAS_BIAS, HAS_SCALE, RELU, FLAT_Y, WIDE)
+    zeros = tl.zeros([BLOCK_P, BLOCK_C], dtype=y_ptr.dtype.element_ty)
+    y_ptrs = (y_ptr + n * syn) + _y_offsets(c, p, oh, ow, syc, syh, syw, FLAT_Y, WIDE)
+    tl.store(y_ptrs, zeros, mask=p_ok[:, None] & (c_ok & ~kept)[None, :])
 
 
-# --- Packed path (config key PACK): the gathers move out of the inner loop ---
+# --- Packed path (config key PACK=1): the gathers move out of the inner loop ---
 #
-# PACK=1: the sample's active input channels are first copied into a compact
-# channels-last buffer with a zero halo, xc[n, Hp, Wp, CK] (CK: the list length
-# rounded up to 32, zeros past each sample's count). A tile's x loads are then
-# rows of BLOCK_CI contiguous channels with no masks, which Triton turns into
-# 16-byte vector loads and pipelines through shared memory; the gathered
-# element loads of the plain kernel cannot be pipelined.
-# PACK=2: the kept weights are copied per sample too, wp[n, tap, CK, KP]
-# (KP: the kept-output count rounded up to 64), so the weight tile is
-# contiguous as well; this costs N*taps*CK*KP elements of traffic, so it can
-# only pay where the layer's weights are small next to its activations.
-# The reduction runs over (channel block, tap) steps in one flat loop: each
-# step loads one x tile and one weight tile, small enough to pipeline.
-
-
+# Each sample's active input channels are first copied into a compact
+# channels-last buffer with a zero halo, xc[n, Hp*Wp, CK], and its kept
+# weights into wp[n, tap, CK, KP] (CK: the list length rounded up to 32, KP:
+# the kept-output count rounded up to 64; zeros past each sample's lists).
+# The tiles then load unmasked rows of contiguous channels, which Triton turns
+# into 16-byte vector loads and pipelines through shared memory; the gathered
+# element loads of the plain kernel cannot be pipelined. The reduction runs
+# over (channel block, tap) steps in one flat loop, one x tile and one weight
+# tile per step. The weight copy costs N*taps*CK*KP elements, so the packed
+# path pays only where weights are small next to activations (H100:
+# benchmarks/results/gpu_experiments_2026-11-27). Packing only x was measured
+# too: it never beat both other forms.
 
 @triton.jit(do_not_specialize=["Cin", "H", "W", "WP", "HPWP", "ACT_LEN", "sxn", "sxc", "sxh",
                                "sxw", "pad_h", "pad_w"])
@@ -299,8 +348,13 @@ def _pack_x_kernel(x_ptr, xc_ptr, act_ptr, count_ptr, Cin, H, W, WP, HPWP, ACT_L
 def _pack_w_kernel(w_ptr, wp_ptr, out_idx_ptr, act_ptr, count_ptr, Cin, Cout, K_OUT, ACT_LEN,
                    CK, KP, swo, swi, swh, sww,
                    KH: tl.constexpr, KW: tl.constexpr, COUNT_GIVEN: tl.constexpr,
-                   BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, WIDE: tl.constexpr):
-    """wp[n, tap, j, o] = w[out_idx[n, o], act[n, j], tap], zero past the lists."""
+                   TAPS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+                   WIDE: tl.constexpr):
+    """wp[n, tap, j, o] = w[out_idx[n, o], act[n, j], tap], zero past the lists.
+
+    Read as [outputs, inputs, taps] (TAPS: KH*KW rounded up to a power of 2),
+    so that neighbouring threads read the adjacent taps of one channel pair in
+    nn.Conv2d's layout, then written as [taps, inputs, outputs]."""
     o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     n = tl.program_id(2).to(tl.int64)
@@ -310,32 +364,35 @@ def _pack_w_kernel(w_ptr, wp_ptr, out_idx_ptr, act_ptr, count_ptr, Cin, Cout, K_
         count = tl.load(count_ptr + n)
     o_ok = o < K_OUT
     j_ok = jj < count
+    tap = tl.arange(0, TAPS)
+    t_ok = tap < KH * KW
     co = _idx(tl.load(out_idx_ptr + n * K_OUT + o, mask=o_ok, other=0), WIDE)
     co = tl.minimum(tl.maximum(co, 0), Cout - 1)
     ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=j_ok, other=0), WIDE)
     ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
-    src = w_ptr + co[None, :] * swo + ci[:, None] * swi
-    dst = (wp_ptr + n * (KH * KW) * CK * KP) + (_idx(jj, WIDE)[:, None] * KP + o[None, :])
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            v = tl.load(src + r * swh + s * sww, mask=j_ok[:, None] & o_ok[None, :], other=0.0)
-            tl.store(dst + (r * KW + s) * CK * KP, v)
+    src = (w_ptr + (co * swo)[:, None, None] + (ci * swi)[None, :, None]
+           + ((tap // KW) * swh + (tap % KW) * sww)[None, None, :])
+    v = tl.load(src, mask=o_ok[:, None, None] & j_ok[None, :, None] & t_ok[None, None, :],
+                other=0.0)
+    dst = ((wp_ptr + n * (KH * KW) * CK * KP) + (tap * CK * KP)[:, None, None]
+           + (_idx(jj, WIDE) * KP)[None, :, None] + o[None, None, :])
+    tl.store(dst, tl.permute(v, (2, 1, 0)), mask=t_ok[:, None, None])
 
 
-@triton.jit(do_not_specialize=["Cin", "Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN", "WP", "HPWP",
-                               "swo", "swi", "swh", "sww", "syn", "syc", "syh", "syw",
-                               "stride_h", "stride_w", "dil_h", "dil_w"])
+@triton.jit(do_not_specialize=["Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN", "WP", "HPWP",
+                               "syn", "syc", "syh", "syw", "stride_h", "stride_w", "dil_h",
+                               "dil_w"])
 def _packed_conv_kernel(
-    xc_ptr, w_ptr, wp_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr, part_ptr,
-    Cin, Cout, Wo, HW_OUT, K_OUT, ACT_LEN, WP, HPWP, CK, KP,
-    swo, swi, swh, sww, syn, syc, syh, syw, stride_h, stride_w, dil_h, dil_w,
+    xc_ptr, wp_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, count_ptr, part_ptr,
+    Cout, Wo, HW_OUT, K_OUT, ACT_LEN, WP, HPWP, CK, KP,
+    syn, syc, syh, syw, stride_h, stride_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    COUNT_GIVEN: tl.constexpr, PACK_W: tl.constexpr,
+    COUNT_GIVEN: tl.constexpr, FLAT_Y: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """The gated conv over a packed input (and, with PACK_W, packed weights)."""
+    """The gated conv over the packed input and weights."""
     pid_p = tl.program_id(0)
     pid_j = tl.program_id(1)
     n = (tl.program_id(2) // SPLIT).to(tl.int64)
@@ -360,31 +417,17 @@ def _packed_conv_kernel(
     wp_n = wp_ptr + n * (KH * KW) * CK * KP
     c0 = tl.arange(0, BLOCK_CI)
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
-    steps = tl.cdiv(count, BLOCK_CI) * (KH * KW)
-    for t in range(part, steps, SPLIT):
+    for t in range(part, tl.cdiv(count, BLOCK_CI) * (KH * KW), SPLIT):
         tap = t % (KH * KW)
-        r = tap // KW
-        s = tap % KW
         jj = (t // (KH * KW)) * BLOCK_CI + c0  # < CK: no mask (zeros past the count)
-        x_off = (pix + r * dil_h * WP + s * dil_w) * CK
+        x_off = (pix + (tap // KW) * dil_h * WP + (tap % KW) * dil_w) * CK
         xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
-        if PACK_W:
-            wv = tl.load(wp_n + tap * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
-        else:
-            i_ok = jj < count
-            ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=i_ok, other=0), WIDE)
-            ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
-            wv = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + r * swh + s * sww,
-                         mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+        wv = tl.load(wp_n + tap * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
         acc = _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
 
-    if SPLIT == 1:
-        _finish(acc, b_ptr, scale_ptr, y_ptr, co, j, j_ok, p_ok, oh, ow, n, K_OUT, syn, syc, syh,
-                syw, HAS_BIAS, HAS_SCALE, RELU, WIDE)
-    else:
-        offs = _idx(j, WIDE)[None, :] * HW_OUT + p[:, None]
-        tl.atomic_add((part_ptr + n * K_OUT * HW_OUT) + offs, acc,
-                      mask=p_ok[:, None] & j_ok[None, :])
+    _finish_or_part(acc, b_ptr, scale_ptr, y_ptr, part_ptr, co, j, j_ok, p, p_ok, oh, ow, n,
+                    K_OUT, HW_OUT, syn, syc, syh, syw, HAS_BIAS, HAS_SCALE, RELU, FLAT_Y, SPLIT,
+                    WIDE)
 
 
 def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -425,13 +468,13 @@ class _Launch:
         Cout, _, KH, KW = weight.shape
         Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
         Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
-        if out is None:
-            self.y = torch.zeros((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device)
-        else:
-            self.y = out.zero_()
+        # Not zeroed: the conv writes the kept channels, _complete_kernel the rest.
+        self.y = torch.empty((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device) if out is None \
+            else out
         self.n, self.k, self.hw = N, out_idx.shape[1], Ho * Wo
         self.empty = N == 0 or self.k == 0 or self.hw == 0
         if self.empty:
+            self.y.zero_()
             return
         if in_idx is not None:
             lists, counts = in_idx.contiguous(), in_idx  # counts unused: COUNT_GIVEN
@@ -450,9 +493,13 @@ class _Launch:
                            HAS_SCALE=out_scale is not None, RELU=bool(relu),
                            IS_FP32=x.dtype == torch.float32, PRECISION=precision,
                            UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-                           COUNT_GIVEN=in_idx is not None)
-        self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0],
-                    *(t.dtype for t in self.tensors), *self.consts.values())
+                           COUNT_GIVEN=in_idx is not None,
+                           FLAT_Y=self.y.stride(3) == 1 and self.y.stride(2) == Wo)
+        # The tuner's key: whether the input lists are given or found (their
+        # length and dtype), and y's layout, change no timing, so one tuning
+        # serves both (every config computes the same result for any of them).
+        self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0], x.dtype,
+                    *(v for k, v in self.consts.items() if k not in ("COUNT_GIVEN", "FLAT_Y")))
         self.cout, self.wo = Cout, Wo
         # the packed path's buffers (PACK >= 1): padded map, rounded-up lists
         self.geometry = (H, W, *padding, *stride, *dilation)
@@ -460,6 +507,7 @@ class _Launch:
         self.ck = triton.cdiv(lists.shape[1], _PACK_C) * _PACK_C
         self.kp = triton.cdiv(self.k, _PACK_O) * _PACK_O
         self.packed_w_size = N * KH * KW * self.ck * self.kp
+        self.packed_x_size = N * self.hp * self.wp * self.ck
         # 32-bit offsets unless one sample of x or y (or its packed copies), the
         # weight or the partial sums span 2^31 elements (_FORCE_WIDE: 64-bit
         # always, for A/B runs)
@@ -477,7 +525,7 @@ class _Launch:
         if x.is_cuda:
             _SMS = torch.cuda.get_device_properties(x.device).multi_processor_count
         cands = _candidates(self.n, self.k, self.hw, self.ints[8], self.consts["IS_FP32"],
-                            self.packed_w_size)
+                            self.packed_w_size, self.packed_x_size)
         timed = (len(cands) > 1 and not _INTERPRET and x.is_cuda
                  and os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") != "0"
                  and not torch.cuda.is_current_stream_capturing())
@@ -487,7 +535,9 @@ class _Launch:
                 if not timed:  # the first candidate that compiles for this GPU
                     self.run(c)
                     return c
-                times.append((triton.testing.do_bench_cudagraph(lambda: self.run(c), rep=10), c))
+                # rep: 3 ms of replays, 10 times; capturing the graph costs
+                # more host time than that, so a longer rep only slows tuning
+                times.append((triton.testing.do_bench_cudagraph(lambda: self.run(c), rep=3), c))
             except triton.runtime.errors.OutOfResources:  # too many registers/shared memory
                 continue
         if not times:
@@ -499,29 +549,34 @@ class _Launch:
     def run(self, config):
         """Launch with a given config, straight through the JIT."""
         kwargs = config.all_kwargs()
-        pack = kwargs.pop("PACK", 0)
+        packed = kwargs.pop("PACK", 0)
         split = kwargs["SPLIT"]
-        # A split reduction adds float32 partial sums here; otherwise the slot is unused.
-        part = (torch.zeros((self.n, self.k, self.hw), dtype=torch.float32, device=self.y.device)
-                if split > 1 else self.y)
+        x, weight, b, y, idx, scale, lists, counts = self.tensors
+        # A split reduction stores float32 partial sums here; otherwise the slot is unused.
+        part = (torch.empty((self.n * split, self.k, self.hw), dtype=torch.float32,
+                            device=y.device) if split > 1 else y)
         grid = (triton.cdiv(self.hw, kwargs["BLOCK_P"]), triton.cdiv(self.k, kwargs["BLOCK_CO"]),
                 self.n * split)
-        if pack:
-            self._run_packed(grid, part, pack == 2, kwargs)
+        if packed:
+            xc, wp = self.pack()
+            stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
+            _packed_conv_kernel[grid](
+                xc, wp, b, y, idx, scale, counts, part, self.cout, self.wo, self.hw, self.k,
+                lists.shape[1], self.wp, self.hp * self.wp, self.ck, self.kp, *y.stride(),
+                stride_h, stride_w, dil_h, dil_w, **self.consts, WIDE=self.wide, **kwargs)
         else:
             _gated_conv_kernel[grid](*self.tensors, part, *self.ints, **self.consts,
                                      WIDE=self.wide, **kwargs)
-        if split > 1:
-            _, _, b, y, idx, scale, _, _ = self.tensors
-            _split_finish_kernel[(triton.cdiv(self.hw, 64), triton.cdiv(self.k, 32), self.n)](
-                part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, *y.stride(),
-                HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
-                RELU=self.consts["RELU"], BLOCK_P=64, BLOCK_CO=32, WIDE=self.wide)
+        # the pruned channels' zeros, and the epilogue of a split reduction
+        _complete_kernel[(triton.cdiv(self.hw, 64), triton.cdiv(self.cout, 32), self.n)](
+            part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, self.k.bit_length(),
+            *y.stride(), HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
+            RELU=self.consts["RELU"], SPLIT=split, FLAT_Y=self.consts["FLAT_Y"], BLOCK_P=64,
+            BLOCK_C=32, WIDE=self.wide)
 
-
-    def pack(self, pack_w: bool):
-        """The packed buffers of PACK >= 1: each sample's active input channels
-        channels-last with a zero halo, and with pack_w its kept weights."""
+    def pack(self):
+        """The packed path's buffers: each sample's active input channels,
+        channels-last with a zero halo, and its kept weights."""
         x, weight, _, _, idx, _, lists, counts = self.tensors
         n, act_len = self.n, lists.shape[1]
         H, W, pad_h, pad_w = self.geometry[:4]
@@ -531,25 +586,12 @@ class _Launch:
             x, xc, lists, counts, x.shape[1], H, W, self.wp, self.hp * self.wp, act_len, self.ck,
             *x.stride(), pad_h, pad_w, COUNT_GIVEN=given, BLOCK_Q=64, BLOCK_J=_PACK_C,
             WIDE=self.wide)
-        if not pack_w:
-            return xc, xc  # the second is an unused pointer slot
         wp = torch.empty((n, KH * KW, self.ck, self.kp), dtype=weight.dtype, device=x.device)
-        _pack_w_kernel[(self.kp // _PACK_O, self.ck // _PACK_C, n)](
+        _pack_w_kernel[(self.kp // 32, self.ck // 16, n)](
             weight, wp, idx, lists, counts, x.shape[1], self.cout, self.k, act_len, self.ck,
-            self.kp, *weight.stride(), KH=KH, KW=KW, COUNT_GIVEN=given, BLOCK_J=_PACK_C,
-            BLOCK_O=_PACK_O, WIDE=self.wide)
+            self.kp, *weight.stride(), KH=KH, KW=KW, COUNT_GIVEN=given,
+            TAPS=triton.next_power_of_2(KH * KW), BLOCK_J=16, BLOCK_O=32, WIDE=self.wide)
         return xc, wp
-
-    def _run_packed(self, grid, part, pack_w, kwargs):
-        x, weight, b, y, idx, scale, lists, counts = self.tensors
-        xc, wp = self.pack(pack_w)
-        stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
-        _packed_conv_kernel[grid](
-            xc, weight, wp, b, y, idx, scale, lists, counts, part,
-            x.shape[1], self.cout, self.wo, self.hw, self.k, lists.shape[1], self.wp,
-            self.hp * self.wp, self.ck, self.kp, *weight.stride(), *y.stride(),
-            stride_h, stride_w, dil_h, dil_w, **self.consts, PACK_W=pack_w, WIDE=self.wide,
-            **kwargs)
 
 
 def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -192,8 +192,8 @@ def test_gpu_ab_script_correctness_part_runs(capsys):
     mod.LAYERS = [("tiny", 24, 5)]
     rows = []
     assert mod.check(rows)
-    assert len(rows) == 9 and all(r["err"] < 1e-2 for r in rows)
-    assert {r["pack"] for r in rows} == {0, 1, 2}
+    assert len(rows) == 7 and all(r["err"] < 1e-2 for r in rows)
+    assert {r["pack"] for r in rows} == {0, 1}
     assert "FAIL" not in capsys.readouterr().out
 
 
