@@ -266,3 +266,77 @@ def test_64_bit_offsets_give_the_same_result(monkeypatch, split):
                            num_warps=4)
     y = gated_conv2d_triton(*args, *geo, config=config)
     assert max_rel_err(y, reference64(args, geo)) < TOL[torch.float32]
+
+
+def test_direct_launch_reuses_a_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
+    """_launch goes through the JIT once per signature, then through the
+    compiled kernel's launcher with the constexprs in the kernel's own order;
+    a change the JIT specialises on (an int becoming 1, a pointer losing its
+    16-byte alignment, a dtype, a constexpr) goes through the JIT again."""
+    from dynprune.kernels import gated_conv as gc
+    monkeypatch.setattr(gc, "_INTERPRET", False)
+    monkeypatch.setattr(gc, "_COMPILED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Kernel:
+        arg_names = ["x_ptr", "n", "A", "B"]
+
+        def __getitem__(self, grid):
+            def jit(*args, **kw):
+                calls.append(("jit", grid, args, kw))
+                return Compiled()
+            return jit
+
+    k, t = Kernel(), torch.zeros(8)
+    gc._launch(k, (1, 1, 1), t, 5, B=2, A=3, num_warps=4)
+    gc._launch(k, (2, 1, 1), t, 7, B=2, A=3, num_warps=4)
+    assert calls[0][0] == "jit" and calls[1] == ("direct", (2, 1, 1), (t, 7, 3, 2))
+    gc._launch(k, (1, 1, 1), t, 1, B=2, A=3, num_warps=4)   # 1 is specialised
+    gc._launch(k, (1, 1, 1), t, 16, B=2, A=3, num_warps=4)  # so is divisibility by 16
+    gc._launch(k, (1, 1, 1), t[1:], 5, B=2, A=3, num_warps=4)  # 4-byte aligned only
+    gc._launch(k, (1, 1, 1), t.double(), 5, B=2, A=3, num_warps=4)
+    gc._launch(k, (1, 1, 1), t, 5, B=2, A=4, num_warps=4)
+    gc._launch(k, (1, 1, 1), t, 5, B=2, A=3, num_warps=8)
+    assert [c[0] for c in calls[2:]] == ["jit"] * 6
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_path_matches_the_reference(seed, split):
+    """PACK=1 (input and weights copied per sample, then one flat loop over
+    channel blocks and taps): the same function as the reference, all dtypes,
+    lists given or found, every output element written, here also into a
+    channels-last output buffer (y stored through row and column strides)."""
+    import triton
+    config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16, "SPLIT": split,
+                            "PACK": 1}, num_warps=4)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        rng = random.Random(300 + 7 * seed + split)
+        gen = torch.Generator().manual_seed(300 + 7 * seed + split)
+        args, geo = random_case(rng, gen, dtype, cin_range=(10, 50))
+        ref = reference64(args, geo)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEVICE)
+            out = out.to(memory_format=layout)
+            y = gated_conv2d_triton(*args, *geo, out=out, config=config)
+            assert not torch.isnan(y).any(), "an output element was not written"
+            assert max_rel_err(y, ref) < TOL[dtype]
+
+
+def test_packed_candidates_only_where_the_weight_copy_is_small(monkeypatch):
+    """The tuner times the packed path for unsplit tiles where the per-sample
+    weight copy is at most _PACK_W_RATIO times the packed input."""
+    from dynprune.kernels import gated_conv as gc
+    monkeypatch.setattr(gc, "_INTERPRET", False)
+    monkeypatch.setattr(gc, "_SMS", 132)
+    small = gc._candidates(64, 32, 3136, 32, False, 64 * 9 * 32 * 64, 64 * 58 * 58 * 32)
+    packed = [c for c in small if c.kwargs.get("PACK")]
+    assert packed and all(c.kwargs["SPLIT"] == 1 for c in packed)
+    assert not small[0].kwargs.get("PACK")  # the untimed pick stays the plain kernel
+    large = gc._candidates(64, 256, 49, 256, False, 64 * 9 * 256 * 256, 64 * 81 * 256)
+    assert not any(c.kwargs.get("PACK") for c in large)
