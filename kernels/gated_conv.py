@@ -28,6 +28,7 @@ Triton's interpreter; the tests use that.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -425,11 +426,73 @@ def _packed_conv_kernel(
                     WIDE)
 
 
+@triton.jit(do_not_specialize=["C", "HW", "W", "sxn", "sxc", "sxh", "sxw"])
+def _nonzero_kernel(x_ptr, flags_ptr, C, HW, W, sxn, sxc, sxh, sxw, BLOCK: tl.constexpr):
+    """flags[n, c] = 1 where x[n, c] holds any non-zero value (NaN included).
+    The scan stops at the first block holding one, so an active channel costs
+    one block and only zero channels are read whole."""
+    c = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    base = x_ptr + n * sxn + c.to(tl.int64) * sxc
+    found = c * 0  # int32 tensors: a while loop's carried values keep their type
+    start = c * 0
+    while (start < HW) & (found == 0):
+        q = start + tl.arange(0, BLOCK)
+        v = tl.load(base + (q // W) * sxh + (q % W) * sxw, mask=q < HW, other=0.0)
+        found = tl.max((v != 0).to(tl.int32), axis=0)
+        start += BLOCK
+    tl.store(flags_ptr + n * C + c, found)
+
+
+@triton.jit
+def _compact_kernel(flags_ptr, lists_ptr, counts_ptr, C, BLOCK_C: tl.constexpr):
+    """Each sample's channels, active ones first, both groups ascending (what a
+    stable sort of the "is zero" flags gives), and the active count."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    f = tl.load(flags_ptr + n * C + c, mask=c < C, other=0)
+    before = tl.cumsum(f, axis=0) - f  # active channels before c
+    total = tl.sum(f, axis=0)
+    pos = tl.where(f != 0, before, total + c - before)
+    tl.store(lists_ptr + n * C + pos, c, mask=c < C)
+    tl.store(counts_ptr + n, total)
+
+
+_COMPACT_MAX = 8192  # channels one compaction program holds; more go through torch.sort
+_DETECT_ERROR = None  # set if the detection kernels fail to compile
+
+
 def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample lists ``[N, Cin]`` (int32) of the input channels holding any
     non-zero value (NaN counts as non-zero), ascending and first in each row,
-    and their lengths ``[N]``: a stable sort on the device, no host
-    synchronisation."""
+    and their lengths ``[N]``, found on the device with no host
+    synchronisation: two small kernels (a scan per channel, a prefix sum per
+    sample) instead of the ~7 torch ops of a stable sort, which took 25 us of
+    GPU time and 100+ us of host time per call at batch 1 on an H100."""
+    N, C, H, W = x.shape
+    if C > _COMPACT_MAX or N == 0 or C == 0:
+        return _active_channels_torch(x)
+    flags = torch.empty((N, C), dtype=torch.int32, device=x.device)
+    lists = torch.empty((N, C), dtype=torch.int32, device=x.device)
+    counts = torch.empty((N,), dtype=torch.int32, device=x.device)
+    hw = H * W
+    global _DETECT_ERROR
+    if _DETECT_ERROR is None:
+        try:
+            _launch(_nonzero_kernel, (C, N), x, flags, C, hw, max(W, 1), *x.stride(),
+                    BLOCK=max(16, min(1024, triton.next_power_of_2(max(hw, 1)))))
+            _launch(_compact_kernel, (N,), flags, lists, counts, C,
+                    BLOCK_C=triton.next_power_of_2(C))
+            return lists, counts
+        except (triton.CompilationError, RuntimeError) as exc:  # cannot build them: stay correct
+            _DETECT_ERROR = exc
+            warnings.warn(f"dynprune: the channel-detection kernels did not compile ({exc}); "
+                          "using torch ops instead (correct, slower)", RuntimeWarning)
+    return _active_channels_torch(x)
+
+
+def _active_channels_torch(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """active_channels in torch ops (a stable sort of the "is zero" flags)."""
     active = x.ne(0).flatten(2).any(2)  # [N, Cin]
     order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices
     return order.to(torch.int32).contiguous(), active.sum(1, dtype=torch.int32)
@@ -526,7 +589,8 @@ class _Launch:
         self.geometry = (H, W, *padding, *stride, *dilation)
         self.hp, self.wp = H + 2 * padding[0], W + 2 * padding[1]
         self.ck = triton.cdiv(lists.shape[1], _PACK_C) * _PACK_C
-        self.kp = triton.cdiv(self.k, _PACK_O) * _PACK_O
+        kp_step = 32 if self.k <= 32 else _PACK_O  # tiles of 64 kept outputs need KP % 64 == 0
+        self.kp = triton.cdiv(self.k, kp_step) * kp_step
         self.packed_w_size = N * KH * KW * self.ck * self.kp
         self.packed_x_size = N * self.hp * self.wp * self.ck
         # 32-bit offsets unless one sample of x or y (or its packed copies), the
@@ -609,10 +673,10 @@ class _Launch:
             *x.stride(), pad_h, pad_w, COUNT_GIVEN=given, BLOCK_Q=64, BLOCK_J=_PACK_C,
             WIDE=self.wide)
         wp = torch.empty((n, KH * KW, self.ck, self.kp), dtype=weight.dtype, device=x.device)
-        _launch(_pack_w_kernel, (self.kp // _PACK_O, self.ck // _PACK_C, n),
+        _launch(_pack_w_kernel, (self.kp // 32, self.ck // _PACK_C, n),
             weight, wp, idx, lists, counts, x.shape[1], self.cout, self.k, act_len, self.ck,
             self.kp, *weight.stride(), KH=KH, KW=KW, COUNT_GIVEN=given, BLOCK_J=_PACK_C,
-            BLOCK_O=_PACK_O, WIDE=self.wide)
+            BLOCK_O=32, WIDE=self.wide)
         return xc, wp
 
 

@@ -92,6 +92,27 @@ def test_active_channels_are_found_on_the_device_in_order():
     assert lists[2].tolist() == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_active_channel_kernels_match_a_stable_sort(seed):
+    """The two detection kernels (a scan per channel that stops at the first
+    non-zero block, a prefix sum per sample) against the torch formulation:
+    random zero channels, channels-last input, a NaN, and maps longer than one
+    scan block whose only non-zero is the last element."""
+    from dynprune.kernels import gated_conv as gc
+    gen = torch.Generator().manual_seed(seed)
+    for n, c, h, w in [(3, 37, 5, 7), (2, 5, 45, 47), (1, 70, 1, 1)]:
+        x = torch.randn(n, c, h, w, generator=gen)
+        x[torch.rand(n, c, generator=gen) < 0.5] = 0
+        x[0, 0] = 0
+        x[0, 0, -1, -1] = float("nan") if seed == 1 else 1.0  # late in the last block
+        if seed == 2:
+            x = x.to(memory_format=torch.channels_last)
+        x = x.to(DEVICE)
+        lists, counts = active_channels(x)
+        ref_lists, ref_counts = gc._active_channels_torch(x)
+        assert torch.equal(lists, ref_lists) and torch.equal(counts, ref_counts)
+
+
 def test_all_zero_input_gives_bias_only_outputs():
     x = torch.zeros(2, 5, 6, 6, device=DEVICE)
     w = torch.randn(7, 5, 3, 3, device=DEVICE)
@@ -166,11 +187,12 @@ def test_gpu_check_script_correctness_part_runs(capsys):
     mod.DEV = DEVICE
     assert mod.check_correctness(torch.Generator().manual_seed(0), [("tiny", 20, 6)])
     out = capsys.readouterr().out
-    assert out.count(" ok") == 6 and "FAIL" not in out
+    assert out.count(" ok") == 9 and out.count("packed") == 3 and "FAIL" not in out
     md = mod.markdown([dict(layer="l", shape="8x6x6", dtype="float16", batch=1, cuda_graph=True,
                             keep=0.5, dense_ms=1.0, static_ms=0.4, gated_ms=0.5, detect_ms=0.6,
                             gated_wt_ms=0.45, dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
-    assert "| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 | 0.4500 | 2.00 | 1.25 |" in md
+    assert ("| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 | 0.4500 "
+            "| 2.00 | 1.25 | - |") in md
     row = dict(layer="r18.l1", dtype="float16", keep=0.5, batch=64, cuda_graph=False, dense_ms=1.0,
                static_ms=0.4, gated_ms=0.6, gated_wt_ms=0.45)
     assert "dense/gated 2.22 gated/static 1.12 (need >= 2, <= 1.3): met" in mod.bar_summary([row])
