@@ -528,6 +528,7 @@ def _launch(kernel, grid, *args, **kw):
     if _INTERPRET:
         kernel[grid](*args, **kw)
         return
+    grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled launcher takes three
     sig = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
                 else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
     key = (kernel, torch.cuda.current_device(), sig, tuple(kw.items()))
