@@ -15,9 +15,6 @@
      gated    the Triton kernel at the same keep ratio on input and output
               channels, kept input channels given (a chained network)
      detect   the same with the active input channels found on the device
-     gated_wt the "gated" case with the weight stored output-channel-contiguous
-              (same logical tensor; slower on the H200 than nn.Conv2d's layout,
-              whose 9 taps of one channel pair share a cache line)
    Batch 1 is also timed with CUDA graph replay (do_bench_cudagraph), which
    removes launch overhead for every variant alike; batch 64 gives the gated
    call under graph replay too, for reference (the bar takes the plain call).
@@ -138,8 +135,8 @@ def bench(fn, graph: bool) -> float:
     fn()  # tune and compile outside the timed region (and the graph capture)
     torch.cuda.synchronize()
     if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=50)
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return triton.testing.do_bench_cudagraph(fn, rep=25)
+    return triton.testing.do_bench(fn, warmup=10, rep=25, return_mode="median")
 
 
 def time_layers(gen, layers, batches, dtypes, keeps):
@@ -160,14 +157,9 @@ def time_layers(gen, layers, batches, dtypes, keeps):
                         detect = bench(lambda: gated_conv2d_triton(
                             cs["x"], cs["w"], cs["b"], cs["out_idx"], cs["scale"], None,
                             (1, 1), (1, 1), (1, 1), True), graph)
-                        w_t = cs["w"].permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-                        gated_wt = bench(lambda: gated_conv2d_triton(
-                            cs["x"], w_t, cs["b"], cs["out_idx"], cs["scale"], cs["in_idx"],
-                            (1, 1), (1, 1), (1, 1), True), graph)
                         row = dict(layer=name, shape=f"{c}x{size}x{size}", dtype=str(dtype)[6:],
                                    batch=batch, cuda_graph=graph, keep=keep, dense_ms=dense,
                                    static_ms=static, gated_ms=gated, detect_ms=detect,
-                                   gated_wt_ms=gated_wt,
                                    dense_over_gated=dense / gated, gated_over_static=gated / static)
                         if batch > 1:  # the GPU's own time beside the plain call's, for reference
                             row["gated_graph_ms"] = triton.testing.do_bench_cudagraph(lambda: (
@@ -177,8 +169,7 @@ def time_layers(gen, layers, batches, dtypes, keeps):
                         rows.append(row)
                         print(f"  {name:7} {row['shape']:>10} {row['dtype']:8} b{batch:<3}"
                               f"{' graph' if graph else '      '} keep {keep:<4} dense {dense:.4f} "
-                              f"static {static:.4f} gated {gated:.4f} detect {detect:.4f} "
-                              f"gated_wt {gated_wt:.4f} ms  "
+                              f"static {static:.4f} gated {gated:.4f} detect {detect:.4f} ms  "
                               f"{'(graph %.4f) ' % row['gated_graph_ms'] if batch > 1 else ''}"
                               f"dense/gated {dense / gated:.2f} gated/static {gated / static:.2f}",
                               flush=True)
@@ -191,14 +182,13 @@ def markdown(rows, card: str, date: str) -> str:
              "channels given; detect: found on the device. graph: CUDA graph replay (batch-64 "
              "rows give the gated call under graph replay in the last column, for reference).",
              "", "| layer | shape | dtype | batch | graph | keep | dense | static | gated | detect "
-             "| gated_wt | dense/gated | gated/static | gated, graph |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dense/gated | gated/static | gated, graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         graph = f"{r['gated_graph_ms']:.4f}" if "gated_graph_ms" in r else "-"
         lines.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['batch']} | "
                      f"{'yes' if r['cuda_graph'] else 'no'} | {r['keep']} | {r['dense_ms']:.4f} | "
                      f"{r['static_ms']:.4f} | {r['gated_ms']:.4f} | {r['detect_ms']:.4f} | "
-                     f"{r['gated_wt_ms']:.4f} | "
                      f"{r['dense_over_gated']:.2f} | {r['gated_over_static']:.2f} | {graph} |")
     return "\n".join(lines) + "\n"
 
@@ -206,12 +196,12 @@ def markdown(rows, card: str, date: str) -> str:
 def bar_summary(rows) -> str:
     """Issue 5's bar: float16, keep 0.5, ResNet-18 layers. Batch 64: at least 2x
     faster than dense and at most 1.3x static; batch 1 (graph replay): faster
-    than dense. The better of the two weight layouts counts."""
+    than dense."""
     lines = ["bar (float16, keep 0.5, ResNet-18 layers, kept inputs given):"]
     for r in rows:
         if r["dtype"] != "float16" or r["keep"] != 0.5 or not r["layer"].startswith("r18"):
             continue
-        best = min(r["gated_ms"], r["gated_wt_ms"])
+        best = r["gated_ms"]
         dense_ratio, static_ratio = r["dense_ms"] / best, best / r["static_ms"]
         if r["batch"] > 1:
             met, need = dense_ratio >= 2 and static_ratio <= 1.3, ">= 2, <= 1.3"

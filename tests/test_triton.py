@@ -190,13 +190,13 @@ def test_gpu_check_script_correctness_part_runs(capsys):
     assert out.count(" ok") == 9 and out.count("packed") == 3 and "FAIL" not in out
     md = mod.markdown([dict(layer="l", shape="8x6x6", dtype="float16", batch=1, cuda_graph=True,
                             keep=0.5, dense_ms=1.0, static_ms=0.4, gated_ms=0.5, detect_ms=0.6,
-                            gated_wt_ms=0.45, dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
-    assert ("| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 | 0.4500 "
+                            dense_over_gated=2.0, gated_over_static=1.25)], "card", "date")
+    assert ("| l | 8x6x6 | float16 | 1 | yes | 0.5 | 1.0000 | 0.4000 | 0.5000 | 0.6000 "
             "| 2.00 | 1.25 | - |") in md
     row = dict(layer="r18.l1", dtype="float16", keep=0.5, batch=64, cuda_graph=False, dense_ms=1.0,
-               static_ms=0.4, gated_ms=0.6, gated_wt_ms=0.45)
+               static_ms=0.4, gated_ms=0.45)
     assert "dense/gated 2.22 gated/static 1.12 (need >= 2, <= 1.3): met" in mod.bar_summary([row])
-    row["gated_wt_ms"] = row["gated_ms"] = 0.55  # 1.82x dense: missed
+    row["gated_ms"] = 0.55  # 1.82x dense: missed
     assert "MISSED" in mod.bar_summary([row])
 
 
