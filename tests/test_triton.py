@@ -362,3 +362,39 @@ def test_packed_candidates_only_where_the_weight_copy_is_small(monkeypatch):
     assert not small[0].kwargs.get("PACK")  # the untimed pick stays the plain kernel
     large = gc._candidates(64, 256, 49, 256, False, 64 * 9 * 256 * 256, 64 * 81 * 256)
     assert not any(c.kwargs.get("PACK") for c in large)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_packed_path_with_several_channel_blocks(given):
+    """More than 32 active inputs and kept outputs per sample: several 32-channel
+    blocks of the packed input and weights (each must be copied), and poisoned
+    packed buffers would show if one were not."""
+    import triton
+    gen = torch.Generator().manual_seed(11)
+    n, cin, cout, k = 2, 90, 80, 70
+    x = torch.randn(n, cin, 6, 5, generator=gen)
+    x[0, torch.randperm(cin, generator=gen)[:20]] = 0
+    w = torch.randn(cout, cin, 3, 3, generator=gen) / 30
+    b = torch.randn(cout, generator=gen)
+    out_idx = torch.stack([torch.randperm(cout, generator=gen)[:k].sort().values
+                           for _ in range(n)])
+    in_idx = (torch.stack([torch.randperm(cin, generator=gen)[:75].sort().values
+                           for _ in range(n)]) if given else None)
+    args = [t.to(DEVICE) if t is not None else None for t in (x, w, b, out_idx, None, in_idx)]
+    geo = ((1, 1), (1, 1), (1, 1), True)
+    ref = reference64(args, geo)
+    empty = torch.empty
+
+    def poisoned(*a, **kw):
+        t = empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 32, "BLOCK_CI": 32, "SPLIT": 1,
+                            "PACK": 1}, num_warps=4)
+    torch.empty = poisoned  # the packed buffers start as NaN: every element must be written
+    try:
+        y = gated_conv2d_triton(*args, *geo, config=config)
+    finally:
+        torch.empty = empty
+    assert not torch.isnan(y).any()
+    assert max_rel_err(y, ref) < TOL[torch.float32]
