@@ -162,6 +162,27 @@ def _mma(acc, xv, wv, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl
     return acc
 
 
+@triton.jit
+def _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN, COUNT_GIVEN: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, SPLIT: tl.constexpr,
+                WIDE: tl.constexpr):
+    """A conv program's sample n, its part of a split reduction, its output
+    pixels p and kept-list positions j (with j_ok), their channels co (clamped:
+    never an address outside the weight), and the sample's active count."""
+    n = (tl.program_id(2) // SPLIT).to(tl.int64)
+    part = tl.program_id(2) % SPLIT  # this program's share of the channel blocks
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    j = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    j_ok = j < K_OUT
+    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
+    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
+    if COUNT_GIVEN:  # in_idx given: every sample lists ACT_LEN channels
+        count = ACT_LEN
+    else:
+        count = tl.load(count_ptr + n)
+    return n, part, p, j, j_ok, co, count
+
+
 @triton.jit(do_not_specialize=_INT_ARGS)
 def _gated_conv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr, act_ptr, count_ptr, part_ptr,
@@ -174,23 +195,11 @@ def _gated_conv_kernel(
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
     SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    n = (tl.program_id(2) // SPLIT).to(tl.int64)
-    part = tl.program_id(2) % SPLIT  # this program's share of the channel blocks
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels of the tile
+    n, part, p, j, j_ok, co, count = _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN,
+                                                 COUNT_GIVEN, BLOCK_P, BLOCK_CO, SPLIT, WIDE)
     p_ok = p < HW_OUT
     oh = p // Wo
     ow = p % Wo
-    j = pid_j * BLOCK_CO + tl.arange(0, BLOCK_CO)  # positions in the kept list
-    j_ok = j < K_OUT
-    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
-    co = tl.minimum(tl.maximum(co, 0), Cout - 1)  # never address outside the weight
-    if COUNT_GIVEN:  # in_idx given: every sample lists ACT_LEN channels
-        count = ACT_LEN
-    else:
-        count = tl.load(count_ptr + n)
 
     x_n = x_ptr + n * sxn
     w_j = w_ptr + co[None, :] * swo
@@ -425,25 +434,13 @@ def _packed_conv_kernel(
     SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The gated conv over the packed input and weights."""
-    pid_p = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    n = (tl.program_id(2) // SPLIT).to(tl.int64)
-    part = tl.program_id(2) % SPLIT
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, part, p, j, j_ok, co, count = _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN,
+                                                 COUNT_GIVEN, BLOCK_P, BLOCK_CO, SPLIT, WIDE)
     p_ok = p < HW_OUT
     pc = tl.minimum(p, HW_OUT - 1)  # tail pixels repeat the last one: loads need no mask
     oh = pc // Wo
     ow = pc % Wo
     pix = _idx(oh * stride_h, WIDE) * WP + _idx(ow * stride_w, WIDE)  # tap (0, 0), padded map
-    j = pid_j * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    j_ok = j < K_OUT
-    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
-    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
-    if COUNT_GIVEN:
-        count = ACT_LEN
-    else:
-        count = tl.load(count_ptr + n)
 
     xc_n = xc_ptr + n * HPWP * CK
     wp_n = wp_ptr + n * (KH * KW) * CK * KP
