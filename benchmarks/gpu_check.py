@@ -111,7 +111,7 @@ def check_model(batch: int = 4) -> bool:
         ref = model(x).double()
         model_gpu = model.to(DEV)
         xg = x.to(DEV)
-        model_gpu(xg)  # tune and compile first: tuning itself synchronises
+        model_gpu(xg)  # compile first (and tune, where timing is on): both synchronise
         torch.cuda.synchronize()
         synced, y = None, None
         torch.cuda.set_sync_debug_mode("error")
@@ -231,11 +231,19 @@ def main() -> int:
           f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
-    # Correctness needs no tuning: the untimed pick saves a tuning run per case.
+    # Correctness needs no tuning: the untimed pick saves a tuning run (and its
+    # compiles) per case and per layer of the model; untimed picks are not
+    # remembered, so the timing part still tunes.
     tune = os.environ.get("DYNPRUNE_TRITON_AUTOTUNE")
     os.environ["DYNPRUNE_TRITON_AUTOTUNE"] = "0"
     try:
         ok = check_correctness(gen)
+        if ok:
+            try:
+                model_ok = check_model()
+            except Exception as exc:  # report it, and still time the layers
+                print(f"model: FAIL ({type(exc).__name__}: {exc})")
+                model_ok = False
     finally:
         if tune is None:
             del os.environ["DYNPRUNE_TRITON_AUTOTUNE"]
@@ -244,11 +252,6 @@ def main() -> int:
     if not ok:
         print("gpu_check: correctness FAILED; not timing", file=sys.stderr)
         return 1
-    try:
-        model_ok = check_model()
-    except Exception as exc:  # report it, and still time the layers
-        print(f"model: FAIL ({type(exc).__name__}: {exc})")
-        model_ok = False
     print(f"timing ({time.time() - t0:.0f} s so far)")
     layers = LAYERS[:4] if args.quick else LAYERS
     dtypes = (torch.float16,) if args.quick else (torch.float16, torch.float32)
