@@ -52,6 +52,17 @@ _PACK_C, _PACK_O = 32, 64  # the packed path's buffers round channel counts up t
 _PACK_W_RATIO = 8
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv and next_power_of_2 are constexpr functions in newer Tritons,
+    # whose argument unwrapping took 40% of this module's host time per call
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _config(bp, bco, bci, warps=4, split=1, stages=3, pack=0):
     kw = {"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_CI": bci, "SPLIT": split}
     if pack:
@@ -79,19 +90,19 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
         return [_config(32, 16, 16)]
     fits = [(bp, bco, w) for bp, bco, w in _TILES
-            if bco <= max(32, triton.next_power_of_2(k))
-            and bp <= max(32, triton.next_power_of_2(hw))]
+            if bco <= max(32, _pow2(k))
+            and bp <= max(32, _pow2(hw))]
 
     def split_for(programs, bci):
         split = 1
         while (split < 8 and programs * split * 2 <= 2 * _SMS
-               and split * 2 <= triton.cdiv(act_len, bci)):
+               and split * 2 <= _cdiv(act_len, bci)):
             split *= 2
         return split
 
     out, extra = [], []  # extra: the 16-channel variants, tried after the measured kinds
     for bp, bco, w in fits:
-        programs = n * triton.cdiv(hw, bp) * triton.cdiv(k, bco)
+        programs = n * _cdiv(hw, bp) * _cdiv(k, bco)
         # 16-channel steps allow twice the parts where 32-channel ones run out
         # (batch-1 128x28x28: 64 kept inputs are only 2 steps of 32); small
         # tiles only, to keep the list short. The timing decides.
@@ -513,9 +524,9 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if _DETECT_ERROR is None:
         try:
             _launch(_nonzero_kernel, (C, N), x, flags, C, hw, max(W, 1), *x.stride(),
-                    BLOCK=max(16, min(1024, triton.next_power_of_2(max(hw, 1)))))
+                    BLOCK=max(16, min(1024, _pow2(max(hw, 1)))))
             _launch(_compact_kernel, (N,), flags, lists, counts, C,
-                    BLOCK_C=triton.next_power_of_2(C))
+                    BLOCK_C=_pow2(C))
             return lists, counts
         except (triton.CompilationError, RuntimeError) as exc:  # cannot build them: stay correct
             _DETECT_ERROR = exc
@@ -616,22 +627,26 @@ class _Launch:
         # The tuner's key: whether the input lists are given or found (their
         # length and dtype), and y's layout, change no timing, so one tuning
         # serves both (every config computes the same result for any of them).
-        self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0], x.dtype,
-                    *(v for k, v in self.consts.items() if k not in ("COUNT_GIVEN", "FLAT_Y")))
+        self.key = (N, Cin, Cout, Ho * Wo, self.k, stride[0], x.dtype, KH, KW, bias is not None,
+                    out_scale is not None, bool(relu), precision)
         self.cout, self.wo = Cout, Wo
         # the packed path's buffers (PACK >= 1): padded map, rounded-up lists
         self.geometry = (H, W, *padding, *stride, *dilation)
         self.hp, self.wp = H + 2 * padding[0], W + 2 * padding[1]
-        self.ck = triton.cdiv(lists.shape[1], _PACK_C) * _PACK_C
+        self.ck = _cdiv(lists.shape[1], _PACK_C) * _PACK_C
         kp_step = 32 if self.k <= 32 else _PACK_O  # tiles of 64 kept outputs need KP % 64 == 0
-        self.kp = triton.cdiv(self.k, kp_step) * kp_step
+        self.kp = _cdiv(self.k, kp_step) * kp_step
         self.packed_w_size = N * KH * KW * self.ck * self.kp
         self.packed_x_size = N * self.hp * self.wp * self.ck
         # 32-bit offsets unless one sample of x or y (or its packed copies), the
         # weight or the partial sums span 2^31 elements (_FORCE_WIDE: 64-bit
         # always, for A/B runs)
-        largest = max(_span(x, 1), _span(weight, 0), _span(self.y, 1), self.k * self.hw,
-                      self.hp * self.wp * self.ck, KH * KW * self.ck * self.kp)
+        # (a tensor's storage bounds what a view of it can address: the exact
+        # spans are only worked out when a storage is that large)
+        largest = max(self.k * self.hw, self.hp * self.wp * self.ck, KH * KW * self.ck * self.kp)
+        if max(t.untyped_storage().nbytes() // t.element_size() for t in (x, weight, self.y)) \
+                >= 2**31:
+            largest = max(largest, _span(x, 1), _span(weight, 0), _span(self.y, 1))
         self.wide = largest >= 2**31 or _FORCE_WIDE
 
     def tune(self) -> triton.Config:
@@ -676,7 +691,7 @@ class _Launch:
         # A split reduction stores float32 partial sums here; otherwise the slot is unused.
         part = (torch.empty((self.n * split, self.k, self.hw), dtype=torch.float32,
                             device=y.device) if split > 1 else y)
-        grid = (triton.cdiv(self.hw, kwargs["BLOCK_P"]), triton.cdiv(self.k, kwargs["BLOCK_CO"]),
+        grid = (_cdiv(self.hw, kwargs["BLOCK_P"]), _cdiv(self.k, kwargs["BLOCK_CO"]),
                 self.n * split)
         if packed:  # the copies (and the zeros, unless split) then the conv
             xc, wp = self.pack(zeros=split == 1)
@@ -691,7 +706,7 @@ class _Launch:
             _launch(_gated_conv_kernel, grid, *self.tensors, part, *self.ints, **self.consts,
                     WIDE=self.wide, **kwargs)
         # the pruned channels' zeros, and the epilogue of a split reduction
-        _launch(_complete_kernel, (triton.cdiv(self.hw, 64), triton.cdiv(self.cout, 32), self.n),
+        _launch(_complete_kernel, (_cdiv(self.hw, 64), _cdiv(self.cout, 32), self.n),
                 part, b, y, idx, scale, self.cout, self.wo, self.hw, self.k, self.k.bit_length(),
                 *y.stride(), HAS_BIAS=self.consts["HAS_BIAS"], HAS_SCALE=self.consts["HAS_SCALE"],
                 RELU=self.consts["RELU"], SPLIT=split, FLAT_Y=self.consts["FLAT_Y"], BLOCK_P=64,
@@ -708,9 +723,9 @@ class _Launch:
         wp = torch.empty((self.n, KH * KW, self.ck, self.kp), dtype=weight.dtype,
                          device=x.device)
         blocks_j = self.ck // _PACK_C
-        x_blocks = triton.cdiv(self.hp * self.wp, 64) * blocks_j
+        x_blocks = _cdiv(self.hp * self.wp, 64) * blocks_j
         w_blocks = self.kp // 32 * blocks_j
-        z_blocks = triton.cdiv(self.hw, 64) * triton.cdiv(self.cout, 32) if zeros else 0
+        z_blocks = _cdiv(self.hw, 64) * _cdiv(self.cout, 32) if zeros else 0
         _launch(_prepare_kernel, (x_blocks + w_blocks + z_blocks, self.n),
                 x, xc, weight, wp, y, idx, lists, counts, x.shape[1], H, W, self.wp,
                 self.hp * self.wp, lists.shape[1], self.ck, self.kp, self.cout, self.k, self.wo,
