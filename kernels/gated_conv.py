@@ -565,17 +565,19 @@ def _launch(kernel, grid, *args, **kw):
     """``kernel[grid](*args, **kw)``; after the first call per signature, through
     the compiled kernel's own launcher. The JIT binds and specialises every
     argument on each call: 49 us of host time per launch on an H100 against
-    16 us direct, and a layer at batch 1 runs in 8-10 us. The key holds all
-    that the JIT specialises on (dtypes, 16-byte alignment of pointers; ints
-    equal to 1, divisible by 16, 32- or 64-bit), so a compiled kernel is reused
-    only where the JIT would have picked the same one."""
+    16 us direct, and a layer at batch 1 runs in 8-10 us. The key holds more
+    than the JIT specialises on (dtypes, 16-byte alignment of pointers, int
+    values), so a compiled kernel is reused only where the JIT would have
+    picked the same one."""
     if _INTERPRET:
         kernel[grid](*args, **kw)
         return
-    grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled launcher takes three
-    sig = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
-    key = (kernel, torch.cuda.current_device(), sig, tuple(kw.items()))
+    if len(grid) < 3:
+        grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled launcher takes three
+    # Ints by value (finer than the JIT's classes, so one JIT call per new shape,
+    # never a wrong reuse), tensors by dtype and address modulo 16.
+    key = (kernel, torch.cuda.current_device(), tuple(kw.items()),
+           *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
     cached = _COMPILED.get(key)
     if cached is None:
         compiled = kernel[grid](*args, **kw)

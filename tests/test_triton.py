@@ -293,8 +293,9 @@ def test_64_bit_offsets_give_the_same_result(monkeypatch, split):
 def test_direct_launch_reuses_a_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
     """_launch goes through the JIT once per signature, then through the
     compiled kernel's launcher with the constexprs in the kernel's own order;
-    a change the JIT specialises on (an int becoming 1, a pointer losing its
-    16-byte alignment, a dtype, a constexpr) goes through the JIT again."""
+    any change the JIT could specialise on (an int's value, a pointer's
+    16-byte alignment, a dtype, a constexpr, an option) goes through the JIT
+    again."""
     from dynprune.kernels import gated_conv as gc
     monkeypatch.setattr(gc, "_INTERPRET", False)
     monkeypatch.setattr(gc, "_COMPILED", {})
@@ -316,15 +317,17 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_the_same_specialisation
 
     k, t = Kernel(), torch.zeros(8)
     gc._launch(k, (1, 1, 1), t, 5, B=2, A=3, num_warps=4)
-    gc._launch(k, (2,), t, 7, B=2, A=3, num_warps=4)  # a short grid is padded to three
-    assert calls[0][0] == "jit" and calls[1] == ("direct", (2, 1, 1), (t, 7, 3, 2))
+    gc._launch(k, (2,), t, 5, B=2, A=3, num_warps=4)  # a short grid is padded to three
+    assert calls[0][0] == "jit" and calls[1] == ("direct", (2, 1, 1), (t, 5, 3, 2))
+    gc._launch(k, (1, 1, 1), t.clone(), 5, B=2, A=3, num_warps=4)  # another aligned buffer
+    assert calls[2][0] == "direct"
     gc._launch(k, (1, 1, 1), t, 1, B=2, A=3, num_warps=4)   # 1 is specialised
     gc._launch(k, (1, 1, 1), t, 16, B=2, A=3, num_warps=4)  # so is divisibility by 16
     gc._launch(k, (1, 1, 1), t[1:], 5, B=2, A=3, num_warps=4)  # 4-byte aligned only
     gc._launch(k, (1, 1, 1), t.double(), 5, B=2, A=3, num_warps=4)
     gc._launch(k, (1, 1, 1), t, 5, B=2, A=4, num_warps=4)
     gc._launch(k, (1, 1, 1), t, 5, B=2, A=3, num_warps=8)
-    assert [c[0] for c in calls[2:]] == ["jit"] * 6
+    assert [c[0] for c in calls[3:]] == ["jit"] * 6
 
 
 @pytest.mark.parametrize("split", [1, 3])
