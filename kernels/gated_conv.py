@@ -419,14 +419,14 @@ def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, c
     if r < X_BLOCKS:
         _pack_x_block(r // blocks_j, r % blocks_j, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W,
                       WP, HPWP, ACT_LEN, CK, sxn, sxc, sxh, sxw, pad_h, pad_w, 64, 32, WIDE)
-    elif r < X_BLOCKS + W_BLOCKS:
-        r = r - X_BLOCKS
-        _pack_w_block(r // blocks_j, r % blocks_j, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr,
+    elif r < X_BLOCKS + W_BLOCKS:  # (new names in the branches: nothing flows out of them)
+        rw = r - X_BLOCKS
+        _pack_w_block(rw // blocks_j, rw % blocks_j, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr,
                       Cin, Cout, K_OUT, ACT_LEN, CK, KP, swo, swi, swh, sww, KH, KW, 32, 32, WIDE)
     else:
-        r = r - X_BLOCKS - W_BLOCKS
+        rz = r - X_BLOCKS - W_BLOCKS
         blocks_c = tl.cdiv(Cout, 32)
-        _complete_block(r // blocks_c, r % blocks_c, n, y_ptr, y_ptr, y_ptr, out_idx_ptr, y_ptr,
+        _complete_block(rz // blocks_c, rz % blocks_c, n, y_ptr, y_ptr, y_ptr, out_idx_ptr, y_ptr,
                         Cout, Wo, HW_OUT, K_OUT, SEARCH_STEPS, syn, syc, syh, syw, False, False,
                         False, 1, FLAT_Y, 64, 32, WIDE)
 
