@@ -9,8 +9,8 @@
 3. GPU time (CUDA graph replay) of each tuner candidate, with 32- and 64-bit
    offsets, on the ResNet-18 layers, float16, keep 0.5, batch 64 and 1; dense
    and static cuDNN beside; then the tuner's own pick.
-4. With --ncu: Nsight Compute's summary of one batch-64 tile with 32- and
-   64-bit offsets, where ncu is installed.
+4. With --ncu: Nsight Compute's summary of the conv kernel of 64x56x56 at
+   batch 64, tile 128x32, gathering vs packed, where ncu is installed.
 Prints short tables; writes everything to DIR/gpu_ab.json (and ncu.txt).
 """
 from __future__ import annotations
@@ -262,8 +262,7 @@ def plain(rows, tuned):
 
 def ncu_target(which):
     d = case(64, 56, 64, wt=False)
-    gc._FORCE_WIDE = which == "64-bit"
-    call(d, cfg(256, 32, 32))
+    call(d, cfg(128, 32, 32, pack=1 if which == "packed" else 0))
     sync()
 
 
@@ -271,7 +270,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--ncu", action="store_true")
-    ap.add_argument("--ncu-target", choices=["32-bit", "64-bit"])
+    ap.add_argument("--ncu-target", choices=["gather", "packed"])
     a = ap.parse_args()
     if a.ncu_target:
         return ncu_target(a.ncu_target)
@@ -298,8 +297,9 @@ def main():
         (out / "gpu_ab.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.ncu and shutil.which("ncu"):
         text = ""
-        for which in ("32-bit", "64-bit"):
-            cmd = ["ncu", "--clock-control", "none", "-k", "regex:_gated_conv_kernel", "-c", "1",
+        for which in ("gather", "packed"):
+            cmd = ["ncu", "--clock-control", "none", "-k",
+                   "regex:_gated_conv_kernel|_packed_conv_kernel", "-c", "1",
                    "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis",
                    "--section", "Occupancy", "--section", "LaunchStats", sys.executable,
                    __file__, "--ncu-target", which]
