@@ -2,13 +2,14 @@
 
 One program computes a tile of (output pixels x kept output channels) of one
 sample. Its reduction runs over that sample's *active* input channels only,
-BLOCK_CI of them per step, and inside each step over the kernel taps, loading
-x and the weights through the per-sample index lists (no dense weight copy per
-sample). Gate scale, bias and ReLU are applied in the epilogue; pruned output
-channels are zero because the output starts zeroed and only kept channels are
-stored. Grids too small to fill the GPU split the channel steps over SPLIT
-programs that add float32 partial sums; a small kernel then applies the
-epilogue.
+BLOCK_CI of them per step, and over the kernel taps, loading x and the weights
+either through the per-sample index lists (the gathering form) or from
+per-sample packed copies (the packed form, PACK=1). Gate scale, bias and ReLU
+are applied in the epilogue. Only kept channels are stored by the conv; the
+pruned ones are written as zeros by a second kernel (_complete_kernel, or the
+packed form's _prepare_kernel), so y needs no memset. Grids too small to fill
+the GPU split the channel steps over SPLIT programs that store float32 partial
+sums; _complete_kernel then adds them and applies the epilogue.
 
 Tiles are tuned per layer key on the first call (``_Launch.tune``): a short
 candidate list timed with CUDA graph replay. Any strides work for x, the
@@ -119,8 +120,10 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     if packed_w_size > _PACK_W_RATIO * packed_x_size:
         return plain
     # the packed path for each 32-channel tile that fills the GPU unsplit (split
-    # grids are small, where the packing's two extra kernels cost more than
-    # they save: 15-30% slower at batch 1 on an H100), timed after the others
+    # grids are small, where the packing's extra kernel costs more than it
+    # saves: 15-30% slower at batch 1 on an H100), timed after the others.
+    # Three stages also in float32: its contiguous tiles take 61-74 KB of
+    # shared memory (benchmarks/gpu_compile.py), unlike its gathers.
     return plain + [_config(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], 32, c.num_warps,
                             stages=3, pack=1) for _, _, c in out if c.kwargs["SPLIT"] == 1]
 
@@ -392,7 +395,7 @@ def _pack_w_block(ob, jb, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Co
     for r in tl.static_range(KH):
         for s in tl.static_range(KW):
             v = tl.load(src + r * swh + s * sww, mask=j_ok[:, None] & o_ok[None, :], other=0.0)
-            tl.store(dst + (r * KW + s) * CK * KP, v)
+            tl.store(dst + (r * KW + s) * _idx(CK, WIDE) * KP, v)
 
 
 @triton.jit(do_not_specialize=["Cin", "H", "W", "WP", "HPWP", "ACT_LEN", "Cout", "K_OUT", "Wo",
@@ -462,7 +465,7 @@ def _packed_conv_kernel(
         jj = (t // (KH * KW)) * BLOCK_CI + c0  # < CK: no mask (zeros past the count)
         x_off = (pix + (tap // KW) * dil_h * WP + (tap % KW) * dil_w) * CK
         xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
-        wv = tl.load(wp_n + tap * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
+        wv = tl.load(wp_n + _idx(tap, WIDE) * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
         acc = _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
 
     _finish_or_part(acc, b_ptr, scale_ptr, y_ptr, part_ptr, co, j, j_ok, p, p_ok, oh, ow, n,
@@ -514,7 +517,8 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     sample) instead of the ~7 torch ops of a stable sort, which took 25 us of
     GPU time and 100+ us of host time per call at batch 1 on an H100."""
     N, C, H, W = x.shape
-    if C > _COMPACT_MAX or N == 0 or C == 0:
+    if (C > _COMPACT_MAX or N == 0 or C == 0  # the scan's offsets are 32-bit:
+            or x.untyped_storage().nbytes() // x.element_size() >= 2**31):
         return _active_channels_torch(x)
     flags = torch.empty((N, C), dtype=torch.int32, device=x.device)
     lists = torch.empty((N, C), dtype=torch.int32, device=x.device)
@@ -529,6 +533,8 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
                     BLOCK_C=_pow2(C))
             return lists, counts
         except (triton.CompilationError, RuntimeError) as exc:  # cannot build them: stay correct
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA" in str(exc):
+                raise  # a device error, not a build failure
             _DETECT_ERROR = exc
             warnings.warn(f"dynprune: the channel-detection kernels did not compile ({exc}); "
                           "using torch ops instead (correct, slower)", RuntimeWarning)
@@ -555,8 +561,10 @@ def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-# The config the tuner chose, per layer key (shapes, dtypes, flags).
+# The config the tuner chose, per layer key (shapes, dtypes, flags), and the
+# untimed pick per key (used while timing is off or impossible).
 _CHOSEN: dict = {}
+_UNTIMED: dict = {}
 # Compiled kernels per launch signature, for _launch.
 _COMPILED: dict = {}
 
@@ -665,11 +673,15 @@ class _Launch:
         timed = (len(cands) > 1 and not _INTERPRET and x.is_cuda
                  and os.environ.get("DYNPRUNE_TRITON_AUTOTUNE", "1") != "0"
                  and not torch.cuda.is_current_stream_capturing())
+        if not timed and self.key in _UNTIMED:  # not remembered as chosen: timing may come later
+            self.run(_UNTIMED[self.key])
+            return _UNTIMED[self.key]
         times = []
         for c in cands:
             try:
                 if not timed:  # the first candidate that compiles for this GPU
                     self.run(c)
+                    _UNTIMED[self.key] = c
                     return c
                 # rep: 3 ms of replays, 10 times; capturing the graph costs
                 # more host time than that, so a longer rep only slows tuning
@@ -696,6 +708,10 @@ class _Launch:
         grid = (_cdiv(self.hw, kwargs["BLOCK_P"]), _cdiv(self.k, kwargs["BLOCK_CO"]),
                 self.n * split)
         if packed:  # the copies (and the zeros, unless split) then the conv
+            if self.kp % kwargs["BLOCK_CO"] or self.ck % kwargs["BLOCK_CI"]:
+                # the packed loads are unmasked: tiles must divide the buffers
+                raise ValueError(f"packed config {kwargs}: BLOCK_CO must divide {self.kp} and "
+                                 f"BLOCK_CI must divide {self.ck} for this layer")
             xc, wp = self.pack(zeros=split == 1)
             stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
             _launch(_packed_conv_kernel, grid,
@@ -745,8 +761,8 @@ def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         config: Optional[triton.Config] = None) -> torch.Tensor:
     """``dynprune::gated_conv2d`` on the GPU (arguments already validated).
 
-    ``out``: a buffer of the output's shape and dtype to write into (it is
-    zeroed first); otherwise a new zeroed tensor. Index lists may be int32 or
+    ``out``: a buffer of the output's shape and dtype to write into (every
+    element is overwritten); otherwise a new tensor. Index lists may be int32 or
     int64 (no conversion on the host path). ``config``: a ``triton.Config`` to
     run instead of the tuned one (benchmarks and A/B runs).
     """

@@ -418,3 +418,18 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "packed fp16 P128xCO32" in r.stdout and "FAILED" not in r.stdout
+
+
+def test_a_packed_config_that_does_not_divide_the_buffers_is_refused():
+    """The packed loads are unmasked, so a given config whose tiles would run
+    past the packed buffers (64 kept outputs per tile where only 32 are
+    packed) is a clear error, not an out-of-bounds read."""
+    import triton
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    w = torch.randn(8, 8, 3, 3, device=DEVICE)
+    idx = torch.tensor([[0, 3, 5]], device=DEVICE)
+    config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 64, "BLOCK_CI": 32, "SPLIT": 1,
+                            "PACK": 1}, num_warps=4)
+    with pytest.raises(ValueError, match="BLOCK_CO must divide 32"):
+        gated_conv2d_triton(x, w, None, idx, None, None, (1, 1), (1, 1), (1, 1), False,
+                            config=config)
