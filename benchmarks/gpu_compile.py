@@ -105,6 +105,9 @@ def variants():
     epi = dict(HAS_BIAS=True, HAS_SCALE=True, RELU=True, FLAT_Y=True, BLOCK_P=64, BLOCK_C=32,
                WIDE=False)
     out += [
+        ("gather fp16 P64xCO64 ci16 w8", gc._gated_conv_kernel,
+         dict(conv, IS_FP32=False, PRECISION="tf32", BLOCK_P=64, BLOCK_CO=64, BLOCK_CI=16,
+              SPLIT=1), "*fp16", "*fp16", 8, 3),
         ("gather fp16 found lists", gc._gated_conv_kernel,
          dict(conv, COUNT_GIVEN=False, IS_FP32=False, PRECISION="tf32", BLOCK_P=64, BLOCK_CO=32,
               BLOCK_CI=16, SPLIT=2), "*fp16", "*fp32", 4, 3),

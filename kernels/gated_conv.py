@@ -76,6 +76,8 @@ def _config(bp, bco, bci, warps=4, split=1, stages=3, pack=0):
 # for batches, 32x32 tiles with a split reduction for small grids.
 _TILES = [(256, 64, 8), (256, 32, 4), (128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 32, 4),
           (32, 32, 4)]
+# (BLOCK_P, BLOCK_CO, warps) of 16-channel gathering tiles with no spills.
+_GATHER_NO_SPILL = [(128, 32, 8), (64, 64, 8), (64, 32, 4)]
 
 
 def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
@@ -117,6 +119,13 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # else the tile giving the most programs.
     out.sort(key=lambda t: (t[0] < _SMS, -t[1] if t[0] >= _SMS else -t[0]))
     plain = [c for _, _, c in out + extra] or [_config(32, 32, 32)]
+    # Gathering tiles that compile without register spills for sm_90 (the
+    # 32-channel ones spill up to 2 KB per thread: benchmarks/gpu_compile.py),
+    # for grids that need no split; not yet timed on a GPU, so after the others.
+    for bp, bco, w in _GATHER_NO_SPILL:
+        if (bco <= max(32, _pow2(k)) and bp <= max(32, _pow2(hw))
+                and n * _cdiv(hw, bp) * _cdiv(k, bco) >= _SMS):
+            plain.append(_config(bp, bco, 16, w, stages=1 if fp32 else 3))
     if packed_w_size > _PACK_W_RATIO * packed_x_size:
         return plain
     # the packed path for each 32-channel tile that fills the GPU unsplit (split
