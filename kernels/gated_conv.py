@@ -347,13 +347,15 @@ def _complete_block(pb, cb, n, part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
 
 # --- Packed path (config key PACK=1): the gathers move out of the inner loop ---
 #
-# Each sample's active input channels are first copied into a compact
-# channels-last buffer with a zero halo, xc[n, Hp*Wp, CK], and its kept
-# weights into wp[n, tap, CK, KP] (CK: the list length rounded up to 32, KP:
-# the kept-output count rounded up to 64; zeros past each sample's lists).
-# The tiles then load unmasked rows of contiguous channels, which Triton turns
-# into 16-byte vector loads and pipelines through shared memory; the gathered
-# element loads of the plain kernel cannot be pipelined. The reduction runs
+# One _prepare_kernel launch first copies each sample's active input channels
+# into a compact channels-last buffer with a zero halo, xc[n, Hp*Wp, CK], and
+# its kept weights into wp[n, tap, CK, KP] (CK: the list length rounded up to
+# 32; KP: the kept-output count rounded up to 32 if at most 32, else to 64;
+# zeros past each sample's lists), and writes the pruned output channels'
+# zeros. The tiles then load unmasked rows of contiguous channels, which
+# Triton turns into 16-byte cp.async copies into shared memory, pipelined (as
+# benchmarks/gpu_compile.py shows); the gathered element loads of the plain
+# kernel cannot be pipelined. The reduction runs
 # over (channel block, tap) steps in one flat loop, one x tile and one weight
 # tile per step. The weight copy costs N*taps*CK*KP elements, so the packed
 # path pays only where weights are small next to activations (H100:
