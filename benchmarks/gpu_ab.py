@@ -239,7 +239,8 @@ def sweep(rows):
             rows.append(dict(part="summary", layer=lname, batch=batch, dense_us=dense,
                              static_us=static, tuned_us=t_pick, tuned=name(pick) if pick else None,
                              packing_us=pack_us,
-                             **{f"best_{PACKS[kd]}": (bt, name(bc)) for kd, (bt, bc) in best.items()}))
+                             **{f"best_{PACKS[kd]}": (bt, name(bc))
+                                for kd, (bt, bc) in best.items()}))
             kinds = " | ".join(f"{PACKS[kd]} {bt:6.1f} {name(bc):26}" for kd, (bt, bc) in
                                sorted(best.items()))
             print(f"  {lname} b{batch:<3} dense {dense:6.1f} static {static:6.1f} | {kinds} | "

@@ -12,8 +12,9 @@ only from a GPU (benchmarks/gpu_ab.py); this is the static half.
 --check: exit 1 unless every variant compiles and the packed conv loads its
 tiles with 16-byte cp.async copies and (float16, bfloat16) spills nothing:
 what makes it faster than the gathering form, whose unrolled taps keep 9
-gathered tiles in flight and spill (2 KB per thread at 128x32 with Triton 3.9). The tests run this in a subprocess: the kernels must be
-imported without TRITON_INTERPRET, which turns them into interpreted functions.
+gathered tiles in flight and spill (2 KB per thread at 128x32 with Triton
+3.9). The tests run this in a subprocess: the kernels must be imported
+without TRITON_INTERPRET, which turns them into interpreted functions.
 """
 from __future__ import annotations
 

@@ -197,8 +197,9 @@ bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill) {
   //     slower in VGG-16 at batch 1 (268 vs 256 us a layer), hence 81 pixels;
   //   slower: 512x7x7 1.71 vs 1.86 and 512x4x4 2.85 vs 3.04 at batch 16 (the
   //     packing outweighs 49 or 16 pixels of FMAs; still 2.05 vs 2.20 and
-  //     3.15 vs 3.19 with the transposed packing, session 6), 64x56x56 1.10 vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel
-  //     form fills 96% and 94% of its lanes there), k = 16 (0.99 vs 1.53).
+  //     3.15 vs 3.19 with the transposed packing, session 6), 64x56x56 1.10
+  //     vs 1.17 and 64x32x32 1.14 vs 1.18 (the pixel form fills 96% and 94%
+  //     of its lanes there), k = 16 (0.99 vs 1.53).
   const int64_t plane = g.Ho * g.Wo;
   return plane >= 81 && pixel_fill < 0.9 && 10 * k >= 9 * padded_k(k);
 }

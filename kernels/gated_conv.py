@@ -19,9 +19,10 @@ Precision: float16 and bfloat16 multiply in their own type and accumulate in
 float32; float32 uses TF32 tensor cores (``tl.dot`` input precision "tf32":
 ~1e-3 relative error), or full IEEE float32 with ``DYNPRUNE_TRITON_FP32=ieee``.
 
-The active input channel lists are built on the device (a stable sort of the
-"channel is zero" flags puts active channels first, ascending), and each
-program reads its sample's count from memory: no host synchronisation.
+The active input channel lists are built on the device (active_channels: a
+scan per channel, then a prefix sum per sample that puts active channels
+first, ascending), and each program reads its sample's count from memory: no
+host synchronisation.
 
 With ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through
 Triton's interpreter; the tests use that.
@@ -92,9 +93,9 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     overflows (737 KB for 256x64 at 2 stages): one stage for them."""
     if _INTERPRET:  # the interpreter runs small tiles fastest; tests cover the rest
         return [_config(32, 16, 16)]
-    fits = [(bp, bco, w) for bp, bco, w in _TILES
-            if bco <= max(32, _pow2(k))
-            and bp <= max(32, _pow2(hw))]
+    def fits(bp, bco):
+        return bco <= max(32, _pow2(k)) and bp <= max(32, _pow2(hw))
+
 
     def split_for(programs, bci):
         split = 1
@@ -104,7 +105,7 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
         return split
 
     out, extra = [], []  # extra: the 16-channel variants, tried after the measured kinds
-    for bp, bco, w in fits:
+    for bp, bco, w in (t for t in _TILES if fits(t[0], t[1])):
         programs = n * _cdiv(hw, bp) * _cdiv(k, bco)
         # 16-channel steps allow twice the parts where 32-channel ones run out
         # (batch-1 128x28x28: 64 kept inputs are only 2 steps of 32); small
@@ -123,8 +124,7 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # 32-channel ones spill up to 2 KB per thread: benchmarks/gpu_compile.py),
     # for grids that need no split; not yet timed on a GPU, so after the others.
     for bp, bco, w in _GATHER_NO_SPILL:
-        if (bco <= max(32, _pow2(k)) and bp <= max(32, _pow2(hw))
-                and n * _cdiv(hw, bp) * _cdiv(k, bco) >= _SMS):
+        if fits(bp, bco) and n * _cdiv(hw, bp) * _cdiv(k, bco) >= _SMS:
             plain.append(_config(bp, bco, 16, w, stages=1 if fp32 else 3))
     if packed_w_size > _PACK_W_RATIO * packed_x_size:
         return plain
@@ -154,6 +154,14 @@ def _idx(v, WIDE: tl.constexpr):
     else:
         out = v.to(tl.int32)
     return out
+
+
+@triton.jit
+def _channels(list_ptr, pos, ok, limit, WIDE: tl.constexpr):
+    """Entries pos of an index list (masked by ok), clamped to [0, limit): a
+    malformed list gives wrong numbers, never an address outside the tensor."""
+    v = _idx(tl.load(list_ptr + pos, mask=ok, other=0), WIDE)
+    return tl.minimum(tl.maximum(v, 0), limit - 1)
 
 
 @triton.jit
@@ -197,8 +205,7 @@ def _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN, COUNT_GIVEN: tl.co
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     j = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     j_ok = j < K_OUT
-    co = _idx(tl.load(out_idx_ptr + n * K_OUT + j, mask=j_ok, other=0), WIDE)
-    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
+    co = _channels(out_idx_ptr + n * K_OUT, j, j_ok, Cout, WIDE)
     if COUNT_GIVEN:  # in_idx given: every sample lists ACT_LEN channels
         count = ACT_LEN
     else:
@@ -233,8 +240,7 @@ def _gated_conv_kernel(
     for i0 in range(part * BLOCK_CI, count, SPLIT * BLOCK_CI):
         i = i0 + tl.arange(0, BLOCK_CI)
         i_ok = i < count
-        ci = _idx(tl.load(act_ptr + n * ACT_LEN + i, mask=i_ok, other=0), WIDE)
-        ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+        ci = _channels(act_ptr + n * ACT_LEN, i, i_ok, Cin, WIDE)
         for r in tl.static_range(KH):
             for s in tl.static_range(KW):
                 acc = _tap_step(acc, x_n, w_j, ci, i_ok, j_ok, oh, ow, p_ok, r, s, H, W, sxc, sxh,
@@ -355,12 +361,12 @@ def _complete_block(pb, cb, n, part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
 # zeros. The tiles then load unmasked rows of contiguous channels, which
 # Triton turns into 16-byte cp.async copies into shared memory, pipelined (as
 # benchmarks/gpu_compile.py shows); the gathered element loads of the plain
-# kernel cannot be pipelined. The reduction runs
-# over (channel block, tap) steps in one flat loop, one x tile and one weight
-# tile per step. The weight copy costs N*taps*CK*KP elements, so the packed
-# path pays only where weights are small next to activations (H100:
-# benchmarks/results/gpu_experiments_2026-11-27). Packing only x was measured
-# too: it never beat both other forms.
+# kernel cannot be pipelined. The reduction runs over (channel block, tap)
+# steps in one flat loop, one x tile and one weight tile per step. The weight
+# copy costs N*taps*CK*KP elements, so the packed path pays only where weights
+# are small next to activations (H100: benchmarks/results/
+# gpu_experiments_2026-11-27). Packing only x was measured too: it never beat
+# both other forms.
 
 @triton.jit
 def _pack_x_block(qb, jb, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W, WP, HPWP, ACT_LEN, CK,
@@ -375,8 +381,7 @@ def _pack_x_block(qb, jb, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W, WP, HPWP,
     ih = q // WP - pad_h
     iw = q % WP - pad_w
     inside = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=j_ok, other=0), WIDE)
-    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+    ci = _channels(act_ptr + n * ACT_LEN, jj, j_ok, Cin, WIDE)
     v = tl.load((x_ptr + n * sxn) + ci[None, :] * sxc
                 + (_idx(ih, WIDE) * sxh + _idx(iw, WIDE) * sxw)[:, None],
                 mask=inside[:, None] & j_ok[None, :], other=0.0)
@@ -397,10 +402,8 @@ def _pack_w_block(ob, jb, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Co
     jj = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     o_ok = o < K_OUT
     j_ok = jj < count
-    co = _idx(tl.load(out_idx_ptr + n * K_OUT + o, mask=o_ok, other=0), WIDE)
-    co = tl.minimum(tl.maximum(co, 0), Cout - 1)
-    ci = _idx(tl.load(act_ptr + n * ACT_LEN + jj, mask=j_ok, other=0), WIDE)
-    ci = tl.minimum(tl.maximum(ci, 0), Cin - 1)
+    co = _channels(out_idx_ptr + n * K_OUT, o, o_ok, Cout, WIDE)
+    ci = _channels(act_ptr + n * ACT_LEN, jj, j_ok, Cin, WIDE)
     src = w_ptr + co[None, :] * swo + ci[:, None] * swi
     dst = (wp_ptr + n * (KH * KW) * CK * KP) + (_idx(jj, WIDE)[:, None] * KP + o[None, :])
     for r in tl.static_range(KH):
@@ -531,12 +534,12 @@ def active_channels(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if (C > _COMPACT_MAX or N == 0 or C == 0  # the scan's offsets are 32-bit:
             or x.untyped_storage().nbytes() // x.element_size() >= 2**31):
         return _active_channels_torch(x)
-    flags = torch.empty((N, C), dtype=torch.int32, device=x.device)
-    lists = torch.empty((N, C), dtype=torch.int32, device=x.device)
-    counts = torch.empty((N,), dtype=torch.int32, device=x.device)
-    hw = H * W
     global _DETECT_ERROR
     if _DETECT_ERROR is None:
+        flags = torch.empty((N, C), dtype=torch.int32, device=x.device)
+        lists = torch.empty((N, C), dtype=torch.int32, device=x.device)
+        counts = torch.empty((N,), dtype=torch.int32, device=x.device)
+        hw = H * W
         try:
             _launch(_nonzero_kernel, (C, N), x, flags, C, hw, max(W, 1), *x.stride(),
                     BLOCK=max(16, min(1024, _pow2(max(hw, 1)))))
@@ -661,9 +664,8 @@ class _Launch:
         self.packed_x_size = N * self.hp * self.wp * self.ck
         # 32-bit offsets unless one sample of x or y (or its packed copies), the
         # weight or the partial sums span 2^31 elements (_FORCE_WIDE: 64-bit
-        # always, for A/B runs)
-        # (a tensor's storage bounds what a view of it can address: the exact
-        # spans are only worked out when a storage is that large)
+        # always, for A/B runs). A storage bounds what a view of it can
+        # address, so exact spans are only worked out for storages that large.
         largest = max(self.k * self.hw, self.hp * self.wp * self.ck, KH * KW * self.ck * self.kp)
         if max(t.untyped_storage().nbytes() // t.element_size() for t in (x, weight, self.y)) \
                 >= 2**31:
