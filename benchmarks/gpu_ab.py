@@ -91,7 +91,7 @@ def cfg(bp, bco, bci, split=1, warps=None, stages=3, pack=0):
     return gc._config(bp, bco, bci, warps, split, stages, pack)
 
 
-PACKS = {0: "gather", 1: "packed"}
+PACKS = {0: "gather", 1: "packed", 2: "packed-L1"}
 
 
 def name(c):
@@ -112,7 +112,7 @@ def check(rows):
         errs = []
         for bci, split, wide, pack in [(32, 1, False, 0), (32, 4, False, 0), (16, 2, False, 0),
                                        (32, 1, True, 0), (32, 1, False, 1), (32, 4, False, 1),
-                                       (32, 1, True, 1)]:
+                                       (32, 1, True, 1), (32, 1, False, 2)]:
             gc._FORCE_WIDE = wide
             try:  # the second call goes through the cached compiled kernels (_launch)
                 y1 = call(d, cfg(32, 32, bci, split, pack=pack))
@@ -164,6 +164,9 @@ def host(rows):
                                         **c0.all_kwargs()),
         "whole call, given config": lambda: call(d, c0),
         "whole call, packed config": lambda: call(d, cfg(64, 32, 32, pack=1)),
+        "pack() alone (2 buffers, 1 launch)": launch.pack,
+        "torch.empty, packed input's size": lambda: torch.empty(
+            (1, launch.hp * launch.wp, launch.ck), device=DEV, dtype=DT),
     }
     try:  # a compiled kernel launched directly: Triton-version dependent
         consts = [launch.consts[k] for k in ("KH", "KW", "HAS_BIAS", "HAS_SCALE", "RELU",
@@ -184,17 +187,19 @@ def host(rows):
         us = host_us(fn)
         rows.append(dict(part="host", what=label, us=us))
         print(f"  {label:45} {us:7.1f}")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200 if DEV == "cuda" else 2):
-        call(d, c0)
-    prof.disable()
-    sync()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
-    text = out.getvalue()
-    rows.append(dict(part="cprofile", text=text))
-    print("\n".join(line for line in text.splitlines()[6:22] if line.strip()))
+    for label, conf in (("given", c0), ("packed", cfg(64, 32, 32, pack=1))):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200 if DEV == "cuda" else 2):
+            call(d, conf)
+        prof.disable()
+        sync()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+        text = out.getvalue()
+        rows.append(dict(part="cprofile", config=label, text=text))
+        print(f"  cProfile, {label} config, 200 calls:")
+        print("\n".join(line for line in text.splitlines()[6:24] if line.strip()))
 
 
 def sweep(rows):

@@ -133,8 +133,10 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # saves: 15-30% slower at batch 1 on an H100), timed after the others.
     # Three stages also in float32: its contiguous tiles take 61-74 KB of
     # shared memory (benchmarks/gpu_compile.py), unlike its gathers.
+    # PACK=2 reads the packed input through L1 (not yet timed on a GPU).
     return plain + [_config(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], 32, c.num_warps,
-                            stages=3, pack=1) for _, _, c in out if c.kwargs["SPLIT"] == 1]
+                            stages=3, pack=pack) for pack in (1, 2)
+                    for _, _, c in out if c.kwargs["SPLIT"] == 1]
 
 
 # Sizes and strides change with every layer; specialising on them (divisible by
@@ -369,23 +371,30 @@ def _complete_block(pb, cb, n, part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
 # both other forms.
 
 @triton.jit
-def _pack_x_block(qb, jb, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W, WP, HPWP, ACT_LEN, CK,
-                  sxn, sxc, sxh, sxw, pad_h, pad_w,
+def _pack_x_block(rb, jb, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W, WP, HPWP, ACT_LEN, CK,
+                  sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS,
                   BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, WIDE: tl.constexpr):
-    """xc[n, q, j] = x[n, act[n, j], q's row - pad_h, q's column - pad_w] for pixel
-    block qb and channel block jb, zero in the halo and for j past count."""
-    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # pixels of the padded map
+    """xc[n, q, j] = x[n, act[n, j], q's row - pad_h, q's column - pad_w] for
+    BLOCK_Q columns of one padded row (row block rb) and channel block jb, zero
+    in the halo and for j past count. A block holds columns of one row, so its
+    pixels are consecutive in x (contiguity Triton can see when sxw is 1, as
+    the JIT specialises it): warps read runs along a row, then write runs of
+    channels. Blocks of 64 flattened pixels (row and column by // and %) made
+    Triton read along channels, one 6 KB plane apart per thread."""
+    hp = rb // COL_BLOCKS
+    wq = (rb % COL_BLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # columns of the padded row
     jj = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-    q_ok = q < HPWP
+    q_ok = wq < WP
     j_ok = jj < count
-    ih = q // WP - pad_h
-    iw = q % WP - pad_w
-    inside = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # the row as a block too: Triton's interpreter rejects a block & scalar mask
+    ih = (hp - pad_h) + tl.zeros([BLOCK_Q], dtype=tl.int32)
+    iw = wq - pad_w
+    inside = q_ok & (iw >= 0) & (iw < W) & (ih >= 0) & (ih < H)
     ci = _channels(act_ptr + n * ACT_LEN, jj, j_ok, Cin, WIDE)
     v = tl.load((x_ptr + n * sxn) + ci[None, :] * sxc
                 + (_idx(ih, WIDE) * sxh + _idx(iw, WIDE) * sxw)[:, None],
                 mask=inside[:, None] & j_ok[None, :], other=0.0)
-    offs = _idx(q, WIDE)[:, None] * CK + jj[None, :]
+    offs = _idx(hp * WP + wq, WIDE)[:, None] * CK + jj[None, :]
     tl.store((xc_ptr + n * HPWP * CK) + offs, v, mask=q_ok[:, None])
 
 
@@ -413,15 +422,15 @@ def _pack_w_block(ob, jb, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Co
 
 
 @triton.jit(do_not_specialize=["Cin", "H", "W", "WP", "HPWP", "ACT_LEN", "Cout", "K_OUT", "Wo",
-                               "HW_OUT", "SEARCH_STEPS", "sxn", "sxc", "sxh", "sxw", "swo",
-                               "swi", "swh", "sww", "syn", "syc", "syh", "syw", "pad_h", "pad_w",
-                               "X_BLOCKS", "W_BLOCKS"])
+                               "HW_OUT", "SEARCH_STEPS", "sxn", "sxc", "sxh", "swo", "swi",
+                               "swh", "sww", "syn", "syc", "syh", "syw", "pad_h", "pad_w",
+                               "COL_BLOCKS", "X_BLOCKS", "W_BLOCKS"])
 def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, count_ptr,
                     Cin, H, W, WP, HPWP, ACT_LEN, CK, KP, Cout, K_OUT, Wo, HW_OUT, SEARCH_STEPS,
                     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, pad_h, pad_w,
-                    X_BLOCKS, W_BLOCKS,
+                    COL_BLOCKS, X_BLOCKS, W_BLOCKS,
                     KH: tl.constexpr, KW: tl.constexpr, COUNT_GIVEN: tl.constexpr,
-                    FLAT_Y: tl.constexpr, WIDE: tl.constexpr):
+                    FLAT_Y: tl.constexpr, BLOCK_Q: tl.constexpr, WIDE: tl.constexpr):
     """The packed path's first kernel. For sample program_id(1), programs
     [0, X_BLOCKS) copy the input, the next W_BLOCKS the weights, and any after
     those write the pruned output channels' zeros: one launch instead of three
@@ -435,7 +444,8 @@ def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, c
     blocks_j = CK // 32  # _PACK_C (a jit function reads no plain Python globals)
     if r < X_BLOCKS:
         _pack_x_block(r // blocks_j, r % blocks_j, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W,
-                      WP, HPWP, ACT_LEN, CK, sxn, sxc, sxh, sxw, pad_h, pad_w, 64, 32, WIDE)
+                      WP, HPWP, ACT_LEN, CK, sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS, BLOCK_Q,
+                      32, WIDE)
     elif r < X_BLOCKS + W_BLOCKS:  # (new names in the branches: nothing flows out of them)
         rw = r - X_BLOCKS
         _pack_w_block(rw // blocks_j, rw % blocks_j, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr,
@@ -459,9 +469,9 @@ def _packed_conv_kernel(
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     COUNT_GIVEN: tl.constexpr, FLAT_Y: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    SPLIT: tl.constexpr, WIDE: tl.constexpr,
+    SPLIT: tl.constexpr, WIDE: tl.constexpr, X_L1: tl.constexpr,
 ):
-    """The gated conv over the packed input and weights."""
+    """The gated conv over the packed input and weights (X_L1: PACK=2)."""
     n, part, p, j, j_ok, co, count = _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN,
                                                  COUNT_GIVEN, BLOCK_P, BLOCK_CO, SPLIT, WIDE)
     p_ok = p < HW_OUT
@@ -478,7 +488,10 @@ def _packed_conv_kernel(
         tap = t % (KH * KW)
         jj = (t // (KH * KW)) * BLOCK_CI + c0  # < CK: no mask (zeros past the count)
         x_off = (pix + (tap // KW) * dil_h * WP + (tap % KW) * dil_w) * CK
-        xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
+        if X_L1:  # the 9 taps of a tile re-read overlapping rows: cache them in L1
+            xv = tl.load(xc_n + x_off[:, None] + jj[None, :], cache_modifier=".ca")
+        else:  # 16-byte cp.async copies go through L2 only (.cg) by default
+            xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
         wv = tl.load(wp_n + _idx(tap, WIDE) * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
         acc = _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
 
@@ -730,7 +743,8 @@ class _Launch:
             _launch(_packed_conv_kernel, grid,
                     xc, wp, b, y, idx, scale, counts, part, self.cout, self.wo, self.hw, self.k,
                     lists.shape[1], self.wp, self.hp * self.wp, self.ck, self.kp, *y.stride(),
-                    stride_h, stride_w, dil_h, dil_w, **self.consts, WIDE=self.wide, **kwargs)
+                    stride_h, stride_w, dil_h, dil_w, **self.consts, WIDE=self.wide,
+                    X_L1=packed == 2, **kwargs)
             if split == 1:
                 return
         else:
@@ -754,15 +768,18 @@ class _Launch:
         wp = torch.empty((self.n, KH * KW, self.ck, self.kp), dtype=weight.dtype,
                          device=x.device)
         blocks_j = self.ck // _PACK_C
-        x_blocks = _cdiv(self.hp * self.wp, 64) * blocks_j
+        block_q = min(64, max(16, _pow2(self.wp)))  # columns of one padded row per x block
+        col_blocks = _cdiv(self.wp, block_q)
+        x_blocks = self.hp * col_blocks * blocks_j
         w_blocks = self.kp // 32 * blocks_j
         z_blocks = _cdiv(self.hw, 64) * _cdiv(self.cout, 32) if zeros else 0
         _launch(_prepare_kernel, (x_blocks + w_blocks + z_blocks, self.n),
                 x, xc, weight, wp, y, idx, lists, counts, x.shape[1], H, W, self.wp,
                 self.hp * self.wp, lists.shape[1], self.ck, self.kp, self.cout, self.k, self.wo,
                 self.hw, self.k.bit_length(), *x.stride(), *weight.stride(), *y.stride(), pad_h,
-                pad_w, x_blocks, w_blocks, KH=KH, KW=KW, COUNT_GIVEN=self.consts["COUNT_GIVEN"],
-                FLAT_Y=self.consts["FLAT_Y"], WIDE=self.wide)
+                pad_w, col_blocks, x_blocks, w_blocks, KH=KH, KW=KW,
+                COUNT_GIVEN=self.consts["COUNT_GIVEN"], FLAT_Y=self.consts["FLAT_Y"],
+                BLOCK_Q=block_q, WIDE=self.wide)
         return xc, wp
 
 

@@ -214,8 +214,8 @@ def test_gpu_ab_script_correctness_part_runs(capsys):
     mod.LAYERS = [("tiny", 24, 5)]
     rows = []
     assert mod.check(rows)
-    assert len(rows) == 7 and all(r["err"] < 1e-2 for r in rows)
-    assert {r["pack"] for r in rows} == {0, 1}
+    assert len(rows) == 8 and all(r["err"] < 1e-2 for r in rows)
+    assert {r["pack"] for r in rows} == {0, 1, 2}
     assert "FAIL" not in capsys.readouterr().out
 
 
@@ -331,16 +331,17 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_the_same_specialisation
     assert [c[0] for c in calls[3:]] == ["jit"] * 6
 
 
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split,pack", [(1, 1), (3, 1), (1, 2)])
 @pytest.mark.parametrize("seed", range(3))
-def test_packed_path_matches_the_reference(seed, split):
+def test_packed_path_matches_the_reference(seed, split, pack):
     """PACK=1 (input and weights copied per sample, then one flat loop over
-    channel blocks and taps): the same function as the reference, all dtypes,
-    lists given or found, every output element written, here also into a
-    channels-last output buffer (y stored through row and column strides)."""
+    channel blocks and taps; PACK=2 the same, reading the copy through L1): the
+    same function as the reference, all dtypes, lists given or found, every
+    output element written, here also into a channels-last output buffer (y
+    stored through row and column strides)."""
     import triton
     config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16, "SPLIT": split,
-                            "PACK": 1}, num_warps=4)
+                            "PACK": pack}, num_warps=4)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         rng = random.Random(300 + 7 * seed + split)
         gen = torch.Generator().manual_seed(300 + 7 * seed + split)
@@ -368,15 +369,16 @@ def test_packed_candidates_only_where_the_weight_copy_is_small(monkeypatch):
     assert not any(c.kwargs.get("PACK") for c in large)
 
 
-@pytest.mark.parametrize("given", [True, False])
-def test_packed_path_with_several_channel_blocks(given):
+@pytest.mark.parametrize("given,size", [(True, (6, 5)), (False, (6, 5)), (True, (2, 70))])
+def test_packed_path_with_several_channel_blocks(given, size):
     """More than 32 active inputs and kept outputs per sample: several 32-channel
     blocks of the packed input and weights (each must be copied), and poisoned
-    packed buffers would show if one were not."""
+    packed buffers would show if one were not; rows wider than 64 padded
+    columns are copied in several column blocks."""
     import triton
     gen = torch.Generator().manual_seed(11)
     n, cin, cout, k = 2, 90, 80, 70
-    x = torch.randn(n, cin, 6, 5, generator=gen)
+    x = torch.randn(n, cin, *size, generator=gen)
     x[0, torch.randperm(cin, generator=gen)[:20]] = 0
     w = torch.randn(cout, cin, 3, 3, generator=gen) / 30
     b = torch.randn(cout, generator=gen)
