@@ -91,7 +91,7 @@ def cfg(bp, bco, bci, split=1, warps=None, stages=3, pack=0):
     return gc._config(bp, bco, bci, warps, split, stages, pack)
 
 
-PACKS = {0: "gather", 1: "packed", 2: "packed-L1"}
+PACKS = {0: "gather", 1: "packed", 2: "packed-coarse"}
 
 
 def name(c):
@@ -255,6 +255,28 @@ def sweep(rows):
     return tuned
 
 
+def prepare_blocks(rows):
+    """_prepare_kernel alone at batch 64 with each block size changed in turn
+    (rows per input block, taps per weight block, pixels per zero block)."""
+    print("5. packing alone (CUDA graph replay, us), batch 64, by _prepare_kernel's blocks:")
+    variants = {"rows1 taps9 zp64 (PACK=1)": (1, 0, 64), "rows4": (4, 0, 64), "taps1": (1, 1, 64),
+                "zp256": (1, 0, 256), "rows4 taps1 zp256 (PACK=2)": (4, 1, 256)}
+    for lname, c, size in LAYERS:
+        d = case(c, size, 64, wt=False)
+        launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
+                            (1, 1), (1, 1), (1, 1), True, None)
+        cells = []
+        for label, blocks in variants.items():
+            gc._PREPARE_BLOCKS[9] = blocks
+            us = graph_ms(lambda: launch.pack(blocks=9), rep=10) * 1e3
+            rows.append(dict(part="prepare", layer=lname, variant=label, us=us))
+            cells.append(f"{label} {us:6.1f}")
+        us = graph_ms(lambda: launch.pack(zeros=False), rep=10) * 1e3
+        rows.append(dict(part="prepare", layer=lname, variant="PACK=1 without zeros", us=us))
+        print(f"  {lname}: " + " | ".join(cells) + f" | PACK=1 without zeros {us:6.1f}",
+              flush=True)
+
+
 def plain(rows, tuned):
     print("4. the tuned config, plain calls (do_bench) vs graph replay, us:")
     for (lname, batch), conf in tuned.items():
@@ -299,6 +321,7 @@ def main():
             print(f"   ({time.time() - t0:.0f} s)", flush=True)
             if step is sweep and res and all(res.values()):
                 plain(rows, res)
+        prepare_blocks(rows)
     finally:
         (out / "gpu_ab.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.ncu and shutil.which("ncu"):

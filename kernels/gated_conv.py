@@ -52,6 +52,12 @@ _PACK_C, _PACK_O = 32, 64  # the packed path's buffers round channel counts up t
 # 0.64, 4.5 and 28 on ResNet-18's 3x3 layers at keep 0.5; on an H100 at batch
 # 64 packing won on the first three, by 36%, 32% and 12%).
 _PACK_W_RATIO = 8
+# _prepare_kernel's blocks per PACK value: (padded rows per input block, taps
+# per weight block (0: all; else it must divide the tap count), output pixels
+# per block of zeros). At batch 64 on an H200 it moved
+# only 1.2-1.8 TB/s with PACK=1's blocks; PACK=2 tries larger input and zero
+# blocks and a weight block per tap (9x more, each 9x shorter), not yet timed.
+_PREPARE_BLOCKS = {1: (1, 0, 64), 2: (4, 1, 256)}  # 0: all taps
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -133,7 +139,7 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # saves: 15-30% slower at batch 1 on an H100), timed after the others.
     # Three stages also in float32: its contiguous tiles take 61-74 KB of
     # shared memory (benchmarks/gpu_compile.py), unlike its gathers.
-    # PACK=2 reads the packed input through L1 (not yet timed on a GPU).
+    # PACK=2 packs in coarser blocks (_PREPARE_BLOCKS; not yet timed on a GPU).
     return plain + [_config(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], 32, c.num_warps,
                             stages=3, pack=pack) for pack in (1, 2)
                     for _, _, c in out if c.kwargs["SPLIT"] == 1]
@@ -372,41 +378,43 @@ def _complete_block(pb, cb, n, part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
 
 @triton.jit
 def _pack_x_block(rb, jb, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W, WP, HPWP, ACT_LEN, CK,
-                  sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS,
+                  sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS, ROWS: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, WIDE: tl.constexpr):
     """xc[n, q, j] = x[n, act[n, j], q's row - pad_h, q's column - pad_w] for
-    BLOCK_Q columns of one padded row (row block rb) and channel block jb, zero
-    in the halo and for j past count. A block holds columns of one row, so its
-    pixels are consecutive in x (contiguity Triton can see when sxw is 1, as
-    the JIT specialises it): warps read runs along a row, then write runs of
-    channels. Blocks of 64 flattened pixels (row and column by // and %) made
-    Triton read along channels, one 6 KB plane apart per thread."""
-    hp = rb // COL_BLOCKS
-    wq = (rb % COL_BLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # columns of the padded row
+    BLOCK_Q columns of ROWS padded rows (row block rb) and channel block jb,
+    zero in the halo and for j past count. Pixels run along rows, so each
+    BLOCK_Q of them are consecutive in x (contiguity Triton can see when sxw
+    is 1, as the JIT specialises it): warps read runs along rows, then write
+    runs of channels. Blocks of 64 flattened pixels (row and column by // and
+    % of a runtime width) made Triton read along channels, a plane apart per
+    thread."""
+    i = tl.arange(0, ROWS * BLOCK_Q)
+    hp = (rb // COL_BLOCKS) * ROWS + i // BLOCK_Q  # padded rows
+    wq = (rb % COL_BLOCKS) * BLOCK_Q + i % BLOCK_Q  # padded columns
+    q = hp * WP + wq
+    q_ok = (wq < WP) & (q < HPWP)
     jj = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-    q_ok = wq < WP
     j_ok = jj < count
-    # the row as a block too: Triton's interpreter rejects a block & scalar mask
-    ih = (hp - pad_h) + tl.zeros([BLOCK_Q], dtype=tl.int32)
+    ih = hp - pad_h
     iw = wq - pad_w
     inside = q_ok & (iw >= 0) & (iw < W) & (ih >= 0) & (ih < H)
     ci = _channels(act_ptr + n * ACT_LEN, jj, j_ok, Cin, WIDE)
     v = tl.load((x_ptr + n * sxn) + ci[None, :] * sxc
                 + (_idx(ih, WIDE) * sxh + _idx(iw, WIDE) * sxw)[:, None],
                 mask=inside[:, None] & j_ok[None, :], other=0.0)
-    offs = _idx(hp * WP + wq, WIDE)[:, None] * CK + jj[None, :]
+    offs = _idx(q, WIDE)[:, None] * CK + jj[None, :]
     tl.store((xc_ptr + n * HPWP * CK) + offs, v, mask=q_ok[:, None])
 
 
 @triton.jit
-def _pack_w_block(ob, jb, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Cout, K_OUT,
-                  ACT_LEN, CK, KP, swo, swi, swh, sww,
-                  KH: tl.constexpr, KW: tl.constexpr, BLOCK_J: tl.constexpr,
+def _pack_w_block(ob, jb, tap0, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Cout,
+                  K_OUT, ACT_LEN, CK, KP, swo, swi, swh, sww,
+                  KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, BLOCK_J: tl.constexpr,
                   BLOCK_O: tl.constexpr, WIDE: tl.constexpr):
-    """wp[n, tap, j, o] = w[out_idx[n, o], act[n, j], tap] for output block ob and
-    input block jb, zero past the lists. One [inputs, outputs] tile per tap
-    (reading [outputs, inputs, taps] tiles, so that neighbouring threads read
-    adjacent taps, was 1.3-1.7x slower on an H100)."""
+    """wp[n, tap, j, o] = w[out_idx[n, o], act[n, j], tap] for output block ob,
+    input block jb and TAPS taps from tap0, zero past the lists. One [inputs,
+    outputs] tile per tap (reading [outputs, inputs, taps] tiles, so that
+    neighbouring threads read adjacent taps, was 1.3-1.7x slower on an H100)."""
     o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
     jj = jb * BLOCK_J + tl.arange(0, BLOCK_J)
     o_ok = o < K_OUT
@@ -415,10 +423,11 @@ def _pack_w_block(ob, jb, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr, Cin, Co
     ci = _channels(act_ptr + n * ACT_LEN, jj, j_ok, Cin, WIDE)
     src = w_ptr + co[None, :] * swo + ci[:, None] * swi
     dst = (wp_ptr + n * (KH * KW) * CK * KP) + (_idx(jj, WIDE)[:, None] * KP + o[None, :])
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            v = tl.load(src + r * swh + s * sww, mask=j_ok[:, None] & o_ok[None, :], other=0.0)
-            tl.store(dst + (r * KW + s) * _idx(CK, WIDE) * KP, v)
+    for t in tl.static_range(TAPS):
+        tap = tap0 + t
+        v = tl.load(src + (tap // KW) * swh + (tap % KW) * sww,
+                    mask=j_ok[:, None] & o_ok[None, :], other=0.0)
+        tl.store(dst + _idx(tap, WIDE) * CK * KP, v)
 
 
 @triton.jit(do_not_specialize=["Cin", "H", "W", "WP", "HPWP", "ACT_LEN", "Cout", "K_OUT", "Wo",
@@ -430,7 +439,8 @@ def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, c
                     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, pad_h, pad_w,
                     COL_BLOCKS, X_BLOCKS, W_BLOCKS,
                     KH: tl.constexpr, KW: tl.constexpr, COUNT_GIVEN: tl.constexpr,
-                    FLAT_Y: tl.constexpr, BLOCK_Q: tl.constexpr, WIDE: tl.constexpr):
+                    FLAT_Y: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    W_TAPS: tl.constexpr, ZERO_P: tl.constexpr, WIDE: tl.constexpr):
     """The packed path's first kernel. For sample program_id(1), programs
     [0, X_BLOCKS) copy the input, the next W_BLOCKS the weights, and any after
     those write the pruned output channels' zeros: one launch instead of three
@@ -444,18 +454,21 @@ def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, c
     blocks_j = CK // 32  # _PACK_C (a jit function reads no plain Python globals)
     if r < X_BLOCKS:
         _pack_x_block(r // blocks_j, r % blocks_j, n, count, x_ptr, xc_ptr, act_ptr, Cin, H, W,
-                      WP, HPWP, ACT_LEN, CK, sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS, BLOCK_Q,
-                      32, WIDE)
+                      WP, HPWP, ACT_LEN, CK, sxn, sxc, sxh, sxw, pad_h, pad_w, COL_BLOCKS, ROWS,
+                      BLOCK_Q, 32, WIDE)
     elif r < X_BLOCKS + W_BLOCKS:  # (new names in the branches: nothing flows out of them)
         rw = r - X_BLOCKS
-        _pack_w_block(rw // blocks_j, rw % blocks_j, n, count, w_ptr, wp_ptr, out_idx_ptr, act_ptr,
-                      Cin, Cout, K_OUT, ACT_LEN, CK, KP, swo, swi, swh, sww, KH, KW, 32, 32, WIDE)
+        tap_groups = (KH * KW) // W_TAPS
+        rt = rw // tap_groups
+        _pack_w_block(rt // blocks_j, rt % blocks_j, (rw % tap_groups) * W_TAPS, n, count, w_ptr,
+                      wp_ptr, out_idx_ptr, act_ptr, Cin, Cout, K_OUT, ACT_LEN, CK, KP, swo, swi,
+                      swh, sww, KH, KW, W_TAPS, 32, 32, WIDE)
     else:
         rz = r - X_BLOCKS - W_BLOCKS
         blocks_c = tl.cdiv(Cout, 32)
         _complete_block(rz // blocks_c, rz % blocks_c, n, y_ptr, y_ptr, y_ptr, out_idx_ptr, y_ptr,
                         Cout, Wo, HW_OUT, K_OUT, SEARCH_STEPS, syn, syc, syh, syw, False, False,
-                        False, 1, FLAT_Y, 64, 32, WIDE)
+                        False, 1, FLAT_Y, ZERO_P, 32, WIDE)
 
 
 @triton.jit(do_not_specialize=["Cout", "Wo", "HW_OUT", "K_OUT", "ACT_LEN", "WP", "HPWP",
@@ -469,9 +482,9 @@ def _packed_conv_kernel(
     RELU: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     COUNT_GIVEN: tl.constexpr, FLAT_Y: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-    SPLIT: tl.constexpr, WIDE: tl.constexpr, X_L1: tl.constexpr,
+    SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """The gated conv over the packed input and weights (X_L1: PACK=2)."""
+    """The gated conv over the packed input and weights."""
     n, part, p, j, j_ok, co, count = _tile_start(out_idx_ptr, count_ptr, Cout, K_OUT, ACT_LEN,
                                                  COUNT_GIVEN, BLOCK_P, BLOCK_CO, SPLIT, WIDE)
     p_ok = p < HW_OUT
@@ -488,10 +501,7 @@ def _packed_conv_kernel(
         tap = t % (KH * KW)
         jj = (t // (KH * KW)) * BLOCK_CI + c0  # < CK: no mask (zeros past the count)
         x_off = (pix + (tap // KW) * dil_h * WP + (tap % KW) * dil_w) * CK
-        if X_L1:  # the 9 taps of a tile re-read overlapping rows: cache them in L1
-            xv = tl.load(xc_n + x_off[:, None] + jj[None, :], cache_modifier=".ca")
-        else:  # 16-byte cp.async copies go through L2 only (.cg) by default
-            xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
+        xv = tl.load(xc_n + x_off[:, None] + jj[None, :])
         wv = tl.load(wp_n + _idx(tap, WIDE) * CK * KP + _idx(jj, WIDE)[:, None] * KP + j[None, :])
         acc = _mma(acc, xv, wv, IS_FP32, PRECISION, UPCAST)
 
@@ -738,13 +748,12 @@ class _Launch:
                 # the packed loads are unmasked: tiles must divide the buffers
                 raise ValueError(f"packed config {kwargs}: BLOCK_CO must divide {self.kp} and "
                                  f"BLOCK_CI must divide {self.ck} for this layer")
-            xc, wp = self.pack(zeros=split == 1)
+            xc, wp = self.pack(zeros=split == 1, blocks=packed)
             stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
             _launch(_packed_conv_kernel, grid,
                     xc, wp, b, y, idx, scale, counts, part, self.cout, self.wo, self.hw, self.k,
                     lists.shape[1], self.wp, self.hp * self.wp, self.ck, self.kp, *y.stride(),
-                    stride_h, stride_w, dil_h, dil_w, **self.consts, WIDE=self.wide,
-                    X_L1=packed == 2, **kwargs)
+                    stride_h, stride_w, dil_h, dil_w, **self.consts, WIDE=self.wide, **kwargs)
             if split == 1:
                 return
         else:
@@ -757,10 +766,11 @@ class _Launch:
                 RELU=self.consts["RELU"], SPLIT=split, FLAT_Y=self.consts["FLAT_Y"], BLOCK_P=64,
                 BLOCK_C=32, WIDE=self.wide)
 
-    def pack(self, zeros: bool = True):
+    def pack(self, zeros: bool = True, blocks: int = 1):
         """The packed path's buffers, filled by one _prepare_kernel launch: each
         sample's active input channels, channels-last with a zero halo, and its
-        kept weights; with zeros, y's pruned channels are zeroed too."""
+        kept weights; with zeros, y's pruned channels are zeroed too. blocks:
+        the PACK value, which picks the block sizes (_PREPARE_BLOCKS)."""
         x, weight, _, y, idx, _, lists, counts = self.tensors
         H, W, pad_h, pad_w = self.geometry[:4]
         KH, KW = self.consts["KH"], self.consts["KW"]
@@ -768,18 +778,20 @@ class _Launch:
         wp = torch.empty((self.n, KH * KW, self.ck, self.kp), dtype=weight.dtype,
                          device=x.device)
         blocks_j = self.ck // _PACK_C
-        block_q = min(64, max(16, _pow2(self.wp)))  # columns of one padded row per x block
+        rows, w_taps, zero_p = _PREPARE_BLOCKS[blocks]
+        w_taps = w_taps or KH * KW
+        block_q = min(64, max(16, _pow2(self.wp)))  # columns of a padded row per x block
         col_blocks = _cdiv(self.wp, block_q)
-        x_blocks = self.hp * col_blocks * blocks_j
-        w_blocks = self.kp // 32 * blocks_j
-        z_blocks = _cdiv(self.hw, 64) * _cdiv(self.cout, 32) if zeros else 0
+        x_blocks = _cdiv(self.hp, rows) * col_blocks * blocks_j
+        w_blocks = self.kp // 32 * blocks_j * (KH * KW // w_taps)
+        z_blocks = _cdiv(self.hw, zero_p) * _cdiv(self.cout, 32) if zeros else 0
         _launch(_prepare_kernel, (x_blocks + w_blocks + z_blocks, self.n),
                 x, xc, weight, wp, y, idx, lists, counts, x.shape[1], H, W, self.wp,
                 self.hp * self.wp, lists.shape[1], self.ck, self.kp, self.cout, self.k, self.wo,
                 self.hw, self.k.bit_length(), *x.stride(), *weight.stride(), *y.stride(), pad_h,
                 pad_w, col_blocks, x_blocks, w_blocks, KH=KH, KW=KW,
                 COUNT_GIVEN=self.consts["COUNT_GIVEN"], FLAT_Y=self.consts["FLAT_Y"],
-                BLOCK_Q=block_q, WIDE=self.wide)
+                ROWS=rows, BLOCK_Q=block_q, W_TAPS=w_taps, ZERO_P=zero_p, WIDE=self.wide)
         return xc, wp
 
 

@@ -335,7 +335,7 @@ def test_direct_launch_reuses_a_compiled_kernel_only_for_the_same_specialisation
 @pytest.mark.parametrize("seed", range(3))
 def test_packed_path_matches_the_reference(seed, split, pack):
     """PACK=1 (input and weights copied per sample, then one flat loop over
-    channel blocks and taps; PACK=2 the same, reading the copy through L1): the
+    channel blocks and taps; PACK=2 the same with coarser packing blocks): the
     same function as the reference, all dtypes, lists given or found, every
     output element written, here also into a channels-last output buffer (y
     stored through row and column strides)."""
@@ -369,12 +369,15 @@ def test_packed_candidates_only_where_the_weight_copy_is_small(monkeypatch):
     assert not any(c.kwargs.get("PACK") for c in large)
 
 
-@pytest.mark.parametrize("given,size", [(True, (6, 5)), (False, (6, 5)), (True, (2, 70))])
-def test_packed_path_with_several_channel_blocks(given, size):
+@pytest.mark.parametrize("given,size,pack", [(True, (6, 5), 1), (False, (6, 5), 1),
+                                             (True, (2, 70), 1), (True, (3, 70), 2),
+                                             (False, (7, 5), 2)])
+def test_packed_path_with_several_channel_blocks(given, size, pack):
     """More than 32 active inputs and kept outputs per sample: several 32-channel
     blocks of the packed input and weights (each must be copied), and poisoned
     packed buffers would show if one were not; rows wider than 64 padded
-    columns are copied in several column blocks."""
+    columns are copied in several column blocks, and PACK=2's blocks of 4 rows
+    end past the last row (5 and 9 padded rows here)."""
     import triton
     gen = torch.Generator().manual_seed(11)
     n, cin, cout, k = 2, 90, 80, 70
@@ -396,7 +399,7 @@ def test_packed_path_with_several_channel_blocks(given, size):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     config = triton.Config({"BLOCK_P": 16, "BLOCK_CO": 32, "BLOCK_CI": 32, "SPLIT": 1,
-                            "PACK": 1}, num_warps=4)
+                            "PACK": pack}, num_warps=4)
     torch.empty = poisoned  # the packed buffers start as NaN: every element must be written
     try:
         y = gated_conv2d_triton(*args, *geo, config=config)
