@@ -4,7 +4,8 @@ One program computes a tile of (output pixels x kept output channels) of one
 sample. Its reduction runs over that sample's *active* input channels only,
 BLOCK_CI of them per step, and over the kernel taps, loading x and the weights
 either through the per-sample index lists (the gathering form) or from
-per-sample packed copies (the packed form, PACK=1). Gate scale, bias and ReLU
+per-sample packed copies (the packed form, PACK=1 or 2: two block sizes of
+the copy). Gate scale, bias and ReLU
 are applied in the epilogue. Only kept channels are stored by the conv; the
 pruned ones are written as zeros by a second kernel (_complete_kernel, or the
 packed form's _prepare_kernel), so y needs no memset. Grids too small to fill
@@ -54,10 +55,12 @@ _PACK_C, _PACK_O = 32, 64  # the packed path's buffers round channel counts up t
 _PACK_W_RATIO = 8
 # _prepare_kernel's blocks per PACK value: (padded rows per input block, taps
 # per weight block (0: all; else it must divide the tap count), output pixels
-# per block of zeros). At batch 64 on an H200 it moved
-# only 1.2-1.8 TB/s with PACK=1's blocks; PACK=2 tries larger input and zero
-# blocks and a weight block per tap (9x more, each 9x shorter), not yet timed.
-_PREPARE_BLOCKS = {1: (1, 0, 64), 2: (4, 1, 256)}  # 0: all taps
+# per block of zeros). The tuner times both. On an H200 at batch 64 (session
+# 9) PACK=2 won on 64x56x56 and 128x28x28 (45.0 vs 51.2 and 35.6 vs 37.6 us
+# a call) and lost on 256x14x14 (48.3 vs 41.8: a weight block per tap loads
+# the index lists 9 times as often); 256-pixel zero blocks alone made the
+# packing faster on all four ResNet-18 layers (22.7 -> 17.4 us on the first).
+_PREPARE_BLOCKS = {1: (1, 0, 64), 2: (4, 1, 256)}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -139,7 +142,7 @@ def _candidates(n: int, k: int, hw: int, act_len: int, fp32: bool = False,
     # saves: 15-30% slower at batch 1 on an H100), timed after the others.
     # Three stages also in float32: its contiguous tiles take 61-74 KB of
     # shared memory (benchmarks/gpu_compile.py), unlike its gathers.
-    # PACK=2 packs in coarser blocks (_PREPARE_BLOCKS; not yet timed on a GPU).
+    # PACK=2 packs in coarser blocks (_PREPARE_BLOCKS).
     return plain + [_config(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], 32, c.num_warps,
                             stages=3, pack=pack) for pack in (1, 2)
                     for _, _, c in out if c.kwargs["SPLIT"] == 1]
@@ -359,7 +362,7 @@ def _complete_block(pb, cb, n, part_ptr, b_ptr, y_ptr, out_idx_ptr, scale_ptr,
     tl.store(y_ptrs, zeros, mask=p_ok[:, None] & (c_ok & ~kept)[None, :])
 
 
-# --- Packed path (config key PACK=1): the gathers move out of the inner loop ---
+# --- Packed path (config key PACK=1 or 2): the gathers leave the inner loop ---
 #
 # One _prepare_kernel launch first copies each sample's active input channels
 # into a compact channels-last buffer with a zero halo, xc[n, Hp*Wp, CK], and
@@ -442,9 +445,12 @@ def _prepare_kernel(x_ptr, xc_ptr, w_ptr, wp_ptr, y_ptr, out_idx_ptr, act_ptr, c
                     FLAT_Y: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
                     W_TAPS: tl.constexpr, ZERO_P: tl.constexpr, WIDE: tl.constexpr):
     """The packed path's first kernel. For sample program_id(1), programs
-    [0, X_BLOCKS) copy the input, the next W_BLOCKS the weights, and any after
-    those write the pruned output channels' zeros: one launch instead of three
-    (a launch costs 11-35 us of host time)."""
+    [0, X_BLOCKS) copy the input (ROWS padded rows x BLOCK_Q columns x 32
+    channels each; the channel block varies fastest, then the column block),
+    the next W_BLOCKS the weights (32 inputs x 32 outputs x W_TAPS taps each;
+    the tap group fastest, then the input block), and any after those write
+    the pruned output channels' zeros (ZERO_P pixels x 32 channels each): one
+    launch instead of three (a launch costs 11-35 us of host time)."""
     r = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     if COUNT_GIVEN:
@@ -780,6 +786,9 @@ class _Launch:
         blocks_j = self.ck // _PACK_C
         rows, w_taps, zero_p = _PREPARE_BLOCKS[blocks]
         w_taps = w_taps or KH * KW
+        if (KH * KW) % w_taps:  # else the last taps' weights would never be copied
+            raise ValueError(f"_PREPARE_BLOCKS[{blocks}]: {w_taps} taps per weight block "
+                             f"must divide the kernel's {KH * KW} taps")
         block_q = min(64, max(16, _pow2(self.wp)))  # columns of a padded row per x block
         col_blocks = _cdiv(self.wp, block_q)
         x_blocks = _cdiv(self.hp, rows) * col_blocks * blocks_j
