@@ -60,6 +60,25 @@ void pool_plane(const float* in, int64_t H, int64_t W, int64_t kh, int64_t kw, i
   }
 }
 
+// The common 2x2 window with stride 2 (no padding, no dilation) over planes
+// [p0, p1): output (p, oh, ow) is the max of a 2x2 square, with no row buffer
+// and no per-row set-up, which dominate small maps (VGG's 4x4 and 2x2 pools:
+// 16 or 4 outputs a plane).
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+void pool2x2_planes(const float* in, int64_t p0, int64_t p1, int64_t H, int64_t W, int64_t Ho,
+                    int64_t Wo, float* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* plane = in + p * H * W;
+    float* o = out + p * Ho * Wo;
+    for (int64_t oh = 0; oh < Ho; ++oh, o += Wo) {
+      const float* r0 = plane + 2 * oh * W;
+      const float* r1 = r0 + W;
+      for (int64_t ow = 0; ow < Wo; ++ow)
+        o[ow] = nan_max(nan_max(r0[2 * ow], r0[2 * ow + 1]), nan_max(r1[2 * ow], r1[2 * ow + 1]));
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
@@ -85,6 +104,18 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
   at::Tensor y = at::empty({N, C, Ho, Wo}, in.options());
   const float* ip = in.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && dh == 1 && dw == 1) {
+    // Planes in parallel only past ~64k input floats: below that, waking the
+    // other thread costs more than it saves. Timed alone at batch 1, 2
+    // threads: 7-16 us on VGG-16's five pools, against 19-32 us by the
+    // general path. In the model (A/B, interleaved): 2-4% faster at batch
+    // 16, unchanged at batch 1.
+    const int64_t grain2 = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, H * W));
+    at::parallel_for(0, N * C, grain2, [&](int64_t begin, int64_t end) {
+      pool2x2_planes(ip, begin, end, H, W, Ho, Wo, yp);
+    });
+    return y;
+  }
   // Planes in parallel; a grain of several planes keeps small maps on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {

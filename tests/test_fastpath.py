@@ -109,7 +109,10 @@ def test_relu_not_fused_when_output_has_other_consumers():
 
 @pytest.mark.parametrize("shape,k,s,p,d", [
     ((2, 5, 13, 11), 3, 2, 1, 1), ((1, 4, 8, 8), 2, 2, 0, 1), ((1, 3, 9, 10), (3, 2), (1, 3), (1, 1), 1),
-    ((2, 2, 15, 12), 3, 1, 1, 2), ((1, 70, 5, 7), 5, 3, 2, 1), ((3, 1, 4, 4), 4, 4, 0, 1)])
+    ((2, 2, 15, 12), 3, 1, 1, 2), ((1, 70, 5, 7), 5, 3, 2, 1), ((3, 1, 4, 4), 4, 4, 0, 1),
+    # 2x2 windows with stride 2 take their own path: odd sizes (floor), 2x2
+    # maps, and enough planes to be split between threads
+    ((2, 6, 7, 9), 2, 2, 0, 1), ((1, 9, 2, 2), 2, 2, 0, 1), ((2, 2100, 4, 4), 2, 2, 0, 1)])
 @pytest.mark.parametrize("grad", [False, True])
 def test_maxpool_matches(shape, k, s, p, d, grad):
     """The native NCHW pool (no autograd) and the channels_last route (autograd)."""
