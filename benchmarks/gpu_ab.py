@@ -261,23 +261,19 @@ def prepare_blocks(rows):
     print("5. packing alone (CUDA graph replay, us), batch 64, by _prepare_kernel's blocks:")
     variants = {"rows1 taps9 zp64 (PACK=1)": (1, 0, 64), "rows4": (4, 0, 64), "taps1": (1, 1, 64),
                 "zp256": (1, 0, 256), "rows4 taps1 zp256 (PACK=2)": (4, 1, 256)}
-    try:
-        for lname, c, size in LAYERS:
-            d = case(c, size, 64, wt=False)
-            launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
-                                (1, 1), (1, 1), (1, 1), True, None)
-            cells = []
-            for label, blocks in variants.items():
-                gc._PREPARE_BLOCKS[9] = blocks
-                us = graph_ms(lambda: launch.pack(blocks=9), rep=10) * 1e3
-                rows.append(dict(part="prepare", layer=lname, variant=label, us=us))
-                cells.append(f"{label} {us:6.1f}")
-            us = graph_ms(lambda: launch.pack(zeros=False), rep=10) * 1e3
-            rows.append(dict(part="prepare", layer=lname, variant="PACK=1 without zeros", us=us))
-            print(f"  {lname}: " + " | ".join(cells) + f" | PACK=1 without zeros {us:6.1f}",
-                  flush=True)
-    finally:
-        gc._PREPARE_BLOCKS.pop(9, None)
+    for lname, c, size in LAYERS:
+        d = case(c, size, 64, wt=False)
+        launch = gc._Launch(d["x"], d["w"], d["b"], d["out_idx"], d["scale"], d["in_idx"],
+                            (1, 1), (1, 1), (1, 1), True, None)
+        cells = []
+        for label, blocks in variants.items():
+            us = graph_ms(lambda: launch.pack(blocks=blocks), rep=10) * 1e3
+            rows.append(dict(part="prepare", layer=lname, variant=label, us=us))
+            cells.append(f"{label} {us:6.1f}")
+        us = graph_ms(lambda: launch.pack(zeros=False), rep=10) * 1e3
+        rows.append(dict(part="prepare", layer=lname, variant="PACK=1 without zeros", us=us))
+        print(f"  {lname}: " + " | ".join(cells) + f" | PACK=1 without zeros {us:6.1f}",
+              flush=True)
 
 
 def plain(rows, tuned):

@@ -754,7 +754,7 @@ class _Launch:
                 # the packed loads are unmasked: tiles must divide the buffers
                 raise ValueError(f"packed config {kwargs}: BLOCK_CO must divide {self.kp} and "
                                  f"BLOCK_CI must divide {self.ck} for this layer")
-            xc, wp = self.pack(zeros=split == 1, blocks=packed)
+            xc, wp = self.pack(zeros=split == 1, blocks=_PREPARE_BLOCKS[packed])
             stride_h, stride_w, dil_h, dil_w = self.geometry[4:]
             _launch(_packed_conv_kernel, grid,
                     xc, wp, b, y, idx, scale, counts, part, self.cout, self.wo, self.hw, self.k,
@@ -772,11 +772,11 @@ class _Launch:
                 RELU=self.consts["RELU"], SPLIT=split, FLAT_Y=self.consts["FLAT_Y"], BLOCK_P=64,
                 BLOCK_C=32, WIDE=self.wide)
 
-    def pack(self, zeros: bool = True, blocks: int = 1):
+    def pack(self, zeros: bool = True, blocks: Tuple[int, int, int] = _PREPARE_BLOCKS[1]):
         """The packed path's buffers, filled by one _prepare_kernel launch: each
         sample's active input channels, channels-last with a zero halo, and its
         kept weights; with zeros, y's pruned channels are zeroed too. blocks:
-        the PACK value, which picks the block sizes (_PREPARE_BLOCKS)."""
+        the kernel's block sizes, as in _PREPARE_BLOCKS."""
         x, weight, _, y, idx, _, lists, counts = self.tensors
         H, W, pad_h, pad_w = self.geometry[:4]
         KH, KW = self.consts["KH"], self.consts["KW"]
@@ -784,10 +784,10 @@ class _Launch:
         wp = torch.empty((self.n, KH * KW, self.ck, self.kp), dtype=weight.dtype,
                          device=x.device)
         blocks_j = self.ck // _PACK_C
-        rows, w_taps, zero_p = _PREPARE_BLOCKS[blocks]
+        rows, w_taps, zero_p = blocks
         w_taps = w_taps or KH * KW
         if (KH * KW) % w_taps:  # else the last taps' weights would never be copied
-            raise ValueError(f"_PREPARE_BLOCKS[{blocks}]: {w_taps} taps per weight block "
+            raise ValueError(f"prepare blocks {blocks}: {w_taps} taps per weight block "
                              f"must divide the kernel's {KH * KW} taps")
         block_q = min(64, max(16, _pow2(self.wp)))  # columns of a padded row per x block
         col_blocks = _cdiv(self.wp, block_q)
