@@ -5,7 +5,7 @@
 //   A1  per (sample, input channel): channel mean (for the gate, in float64),
 //       whether the channel holds any non-zero value, and, if the kernel
 //       reads it, its copy into the wide grid
-//   A2  per (sample, output channel): gate saliency
+//   A2  per block of 3 gate rows, for all samples: saliency (gate_rows)
 //   A3  per sample: top-k selection, kept input channels, epilogue constants
 //   A4  per (sample, output channel): zeros in the pruned output rows
 //   B   the register-tiled GEMM over work items (see microkernel.h)
@@ -360,27 +360,67 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
   *nonzero = any;
 }
 
-// sum_i w[i] * m[i] in float64. Four accumulator chains, so the adds do not
-// wait on each other (512x7x7 at batch 16: the gate's share of the call went
-// from 7.3% to 5.9% in perf; the rest is reading the gate weight).
-__attribute__((target_clones("arch=x86-64-v4", "default")))
-double dot_f32_f64(const float* w, const double* m, int64_t n) {
-  v8d acc[4] = {};
+// The gate of a block of samples: sal[n * Cout + c] = relu(gw[c] . means[n] + gb[c])
+// in float64, rounded once, for rows [c0, c1) and samples [0, N). A register
+// tile of R rows x S samples converts each gate weight to float64 once for S
+// samples, where the per-sample dot product converts it once a sample: the
+// conversions (port 5), not the multiply-adds, bound that loop.
+template <int R, int S>
+static inline __attribute__((always_inline)) void gate_tile(const float* gw, const double* means,
+                                                            int64_t Cin, double* out, int64_t ldo) {
+  v8d acc[R][S] = {};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    for (int a = 0; a < 4; ++a) {
-      const v8f wv = *reinterpret_cast<const v8fu*>(w + i + 8 * a);
-      acc[a] += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i + 8 * a);
+  for (; i + 8 <= Cin; i += 8) {
+    v8d w[R];
+    for (int r = 0; r < R; ++r)
+      w[r] = __builtin_convertvector(*reinterpret_cast<const v8fu*>(gw + r * Cin + i), v8d);
+    for (int s = 0; s < S; ++s) {
+      const v8d m = *reinterpret_cast<const v8du*>(means + s * Cin + i);
+      for (int r = 0; r < R; ++r) acc[r][s] += w[r] * m;
     }
   }
-  for (; i + 8 <= n; i += 8) {
-    const v8f wv = *reinterpret_cast<const v8fu*>(w + i);
-    acc[0] += __builtin_convertvector(wv, v8d) * *reinterpret_cast<const v8du*>(m + i);
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) {
+      double v = 0;
+      for (int l = 0; l < 8; ++l) v += acc[r][s][l];
+      for (int64_t t = i; t < Cin; ++t) v += static_cast<double>(gw[r * Cin + t]) * means[s * Cin + t];
+      out[s * ldo + r] = v;
+    }
+}
+
+template <int R>
+static inline __attribute__((always_inline)) void gate_rows_r(const float* gw, const double* means,
+                                                              int64_t N, int64_t Cin, double* out,
+                                                              int64_t ldo) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) gate_tile<R, 8>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
+  if (N - n >= 4) { gate_tile<R, 4>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 4; }
+  if (N - n >= 2) { gate_tile<R, 2>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 2; }
+  if (N - n >= 1) gate_tile<R, 1>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
+}
+
+// Rows [c0, c1) of the gate for samples [0, N) (see gate_tile), into
+// sal[n * Cout + c], rounded to float32 once.
+constexpr int64_t kGateRows = 3;
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+void gate_rows(const float* gw, const float* gb, const double* means, int64_t N, int64_t Cin,
+               int64_t Cout, int64_t c0, int64_t c1, float* sal) {
+  double out[8 * kGateRows];
+  for (int64_t c = c0; c < c1; c += kGateRows) {
+    const int64_t R = std::min(kGateRows, c1 - c);
+    for (int64_t n0 = 0; n0 < N; n0 += 8) {
+      const int64_t S = std::min<int64_t>(8, N - n0);
+      const double* m = means + n0 * Cin;
+      if (R == 3) gate_rows_r<3>(gw + c * Cin, m, S, Cin, out, kGateRows);
+      else if (R == 2) gate_rows_r<2>(gw + c * Cin, m, S, Cin, out, kGateRows);
+      else gate_rows_r<1>(gw + c * Cin, m, S, Cin, out, kGateRows);
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t r = 0; r < R; ++r) {
+          const double v = out[s * kGateRows + r] + gb[c + r];
+          sal[(n0 + s) * Cout + c + r] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
+        }
+    }
   }
-  double s = 0;
-  for (int l = 0; l < 8; ++l) s += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-  for (; i < n; ++i) s += static_cast<double>(w[i]) * m[i];
-  return s;
 }
 
 // Whether a plane holds a non-zero (NaN counts). Zero channels must be read
@@ -496,7 +536,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t cbuf_len = part_len * kQBlock;  // accumulators of one item
 
   // The phases as per-index steps, shared by the schedules below.
-  auto scan = [&](int64_t t) {  // A1: one (sample, input channel)
+  auto scan_sum = [&](int64_t t) {  // A1 without the wide copy
     const float* p = xp + t * plane;
     if (!need_scan && !listed[t]) {  // outside in_idx: treated as zero, never read
       if (need_sum) means[t] = 0.0;
@@ -511,15 +551,16 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     } else if (need_scan) {
       listed[t] = any_nonzero(p, plane);
     }
-    if (wide && listed[t]) fill_wide_channel(p, g, wd, wide + t * wd.chan);
+  };
+  auto fill = [&](int64_t t) {  // A1's wide copy of a channel the kernel reads
+    if (wide && listed[t]) fill_wide_channel(xp + t * plane, g, wd, wide + t * wd.chan);
+  };
+  auto scan = [&](int64_t t) {  // A1: one (sample, input channel)
+    scan_sum(t);
+    fill(t);
   };
   const float* gwp = gate ? gw.data_ptr<float>() : nullptr;
   const float* gbp = gate ? gb.data_ptr<float>() : nullptr;
-  auto saliency = [&](int64_t t) {  // A2: one (sample, output channel), float64 rounded once
-    const int64_t n = t / Cout, c = t % Cout;
-    const double v = dot_f32_f64(gwp + c * Cin, means + n * Cin, Cin) + gbp[c];
-    sal[t] = static_cast<float>(v < 0.0 ? 0.0 : v);  // keeps NaN
-  };
   auto plan_sample = [&](int64_t n, Ranked* order) {  // A3
     SamplePlan& sp = plans[n];
     int64_t* idx = oi + n * k;
@@ -554,6 +595,18 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // Small inputs run the set-up phases (A1-A4) on the calling thread: cheaper
   // than the barriers between them.
   const bool serial_setup = !per_sample && N * Cin * plane <= kSerialSetupFloats;
+  // Samples run whole on one thread still compute the gate for the whole batch
+  // first, where it outweighs reading the input twice (gate_rows: one float64
+  // conversion of each gate weight per 8 samples, not per sample). A/B at
+  // batch 16, old/new time: 512x7x7 1x1 1.21, 3x3 1.07; 256x14x14 1x1 1.16;
+  // 128x28x28 1.01; but 64->128 at 56x56 1x1 stride 2 0.96-0.97 and
+  // 32x64x64 0.98, whose planes are 25-130 times the gate's rows.
+  const bool batch_gate = per_sample && gate && Cout * 8 >= plane;
+  const int64_t row_blocks = (Cout + kGateRows - 1) / kGateRows;
+  auto gate_block = [&](int64_t n0, int64_t n1, int64_t b) {  // A2: block b, samples [n0, n1)
+    gate_rows(gwp, gbp, means + n0 * Cin, n1 - n0, Cin, Cout, b * kGateRows,
+              std::min(Cout, (b + 1) * kGateRows), sal + n0 * Cout);
+  };
 
   for (int64_t n = 0; n < N; ++n) {
     plans[n].in_ch.reserve(Cin);
@@ -626,9 +679,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     for (int64_t t = 0; t < N * Cin; ++t) scan(t);
     if (gate && T > 1 && N * Cout * Cin >= kParallelGateMacs) {
 #pragma omp parallel for num_threads(T) schedule(static)
-      for (int64_t t = 0; t < N * Cout; ++t) saliency(t);
+      for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
     } else if (gate) {
-      for (int64_t t = 0; t < N * Cout; ++t) saliency(t);
+      for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
     }
     for (int64_t n = 0; n < N; ++n) plan_sample(n, ws.orders[0].data());
     for (int64_t t = 0; t < N * Cout; ++t) zero_row(t);
@@ -656,11 +709,21 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       // vs 1.16-2.02 with fixed halves, never worse. (The batch-1 items keep
       // their fixed shares: dynamic there was 6-15% slower on 16x32x32..128x28x28,
       // whose items share data with their neighbours.)
+      if (batch_gate) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < N * Cin; ++t) scan_sum(t);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
+      }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t n = 0; n < N; ++n) {
-        for (int64_t c = 0; c < Cin; ++c) scan(n * Cin + c);
-        if (gate)
-          for (int64_t c = 0; c < Cout; ++c) saliency(n * Cout + c);
+        if (batch_gate) {
+          for (int64_t c = 0; c < Cin; ++c) fill(n * Cin + c);
+        } else {
+          for (int64_t c = 0; c < Cin; ++c) scan(n * Cin + c);
+          if (gate)
+            for (int64_t b = 0; b < row_blocks; ++b) gate_block(n, n + 1, b);
+        }
         plan_sample(n, order);
         for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
         if (compute && cout_vec) {
@@ -684,7 +747,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       for (int64_t t = 0; t < N * Cin; ++t) scan(t);
       if (gate) {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < N * Cout; ++t) saliency(t);
+        for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
       }
       // A3, A4: per sample plans; zeros in pruned rows.
 #pragma omp for schedule(static)

@@ -643,6 +643,38 @@ def test_thread_counts_give_the_same_result(threads, seed):
     assert torch.equal(y, y_default)
 
 
+@pytest.mark.parametrize("n", [2, 13, 16])
+@pytest.mark.parametrize("with_in_idx", [False, True])
+def test_batched_gate_matches_reference(n, with_in_idx):
+    """Batches of a sample per thread compute the gate for all samples first
+    (gate rows in blocks of 3, samples in groups of 8/4/2/1): same channels,
+    scales and outputs as the reference, for ragged row, sample and input
+    counts (cout 20 = 6 blocks of 3 + 2; cin 19 = 2 x 8 + 3)."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    g = torch.Generator().manual_seed(n)
+    cin, cout, k = 19, 20, 9
+    x = torch.randn(n, cin, 5, 5, generator=g)  # plane 25 <= 8 * cout: the batched gate
+    x[:, 3] = 0
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    b = torch.randn(cout, generator=g)
+    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
+    prio = torch.rand(cout, generator=g)
+    in_idx = None
+    if with_in_idx:
+        in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:11]).values
+                              for _ in range(n)])
+    args = (w, b, gw, gb, prio, k, in_idx, [1, 1], [1, 1], [1, 1], True)
+    with torch_threads(2):
+        y, idx, scale = torch.ops.dynprune.dynamic_conv2d(x, *args)
+    ry, ridx, rscale = dynamic_conv2d_reference(
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args))
+    assert torch.equal(idx, ridx)
+    assert max_rel_err(scale, rscale) < 1e-6
+    assert max_rel_err(y, ry) < 1e-5
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cin,cout,k,size", [
     (6, 8, 3, 5),      # set-up and GEMM on the calling thread
