@@ -5,6 +5,7 @@
 // scale, bias and ReLU are applied in the epilogue; pruned output channels are
 // written as exact zeros. Other dtypes run the dense reference formula in ATen
 // (correct, not faster): see README "dtypes".
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -171,7 +172,14 @@ at::Tensor& gated_conv2d_out(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor scale = out_scale.has_value() ? out_scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   const at::Tensor ii = in_idx.has_value() ? *in_idx : at::Tensor();
-  if (out.is_contiguous()) {
+  // The kernel writes out while it still reads its inputs (a 1x1 conv reads x
+  // in place), so out is written directly only when it shares no memory with
+  // them; else through a temporary, like a non-contiguous out.
+  auto shares_memory = [&](const at::Tensor& t) {
+    return t.defined() && at::get_overlap_status(out, t) != at::MemOverlapStatus::No;
+  };
+  if (out.is_contiguous() && !shares_memory(x) && !shares_memory(weight) && !shares_memory(b) &&
+      !shares_memory(scale)) {
     sparse_conv2d_f32(x, weight, b, nullptr, idx, scale, ii, g, relu, out);
   } else {
     at::Tensor tmp = at::empty(out.sizes(), out.options());

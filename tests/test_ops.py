@@ -348,6 +348,41 @@ def test_out_variant_rejects_bad_buffer():
                  out=torch.empty(4, 7, 11, 9, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("size", [(7, 7), (3, 5), (9, 16)])
+def test_1x1_reads_input_in_place(n, size):
+    """1x1 stride-1 unpadded convs read x where it lies (no wide copy): their
+    junk lanes read the next plane, here NaN channels outside in_idx, and the
+    last plane is copied. Same result as the reference, NaN nowhere."""
+    g = torch.Generator().manual_seed(n + size[1])
+    cin, cout = 12, 10
+    x = torch.randn(n, cin, *size, generator=g)
+    in_idx = torch.tensor([[0, 2, 3, 5, 8, 11]] * n)
+    x[:, [1, 4, 6, 7, 9, 10]] = float("nan")  # never read as data
+    w = torch.randn(cout, cin, 1, 1, generator=g)
+    oi = torch.tensor([[0, 3, 4, 9]] * n)
+    s = torch.rand(n, 4, generator=g)
+    case = Case(x, w, None, oi, s, in_idx, (1, 1), (0, 0), (1, 1), True)
+    with torch_threads(2):
+        y = dynprune.gated_conv2d(*case.args())
+    assert not torch.isnan(y).any()
+    assert_matches_reference(y, case)
+
+
+def test_out_variant_may_share_memory_with_x():
+    """out=x: the kernel reads x while writing y (a 1x1 conv reads it in place),
+    so such an out goes through a temporary; the result is the reference's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 6, 6, generator=g)
+    w = torch.randn(8, 8, 1, 1, generator=g)
+    oi = torch.tensor([[0, 2, 5]] * 4)
+    case = Case(x.clone(), w, None, oi, None, None, (1, 1), (0, 0), (1, 1), False)
+    expected = dp_ops.gated_conv2d_reference(*case.double_args())
+    torch.ops.dynprune.gated_conv2d.out(x, w, None, oi, None, None, [1, 1], [0, 0], [1, 1],
+                                        False, out=x)
+    assert max_rel_err(x, expected) < 1e-5
+
+
 # --------------------------------------------------------------------------- NaN / inf
 
 
