@@ -148,14 +148,20 @@ struct Ranked {
 
 void select_row(const float* sal, const float* prio, int64_t C, int64_t k,
                 Ranked* order, int64_t* idx_out) {
-  for (int64_t c = 0; c < C; ++c)
-    order[c] = {(uint64_t{rank_bits(sal[c])} << 32) | rank_bits(prio[c]), c};
+  auto key = [&](int64_t c) { return (uint64_t{rank_bits(sal[c])} << 32) | rank_bits(prio[c]); };
+  for (int64_t c = 0; c < C; ++c) order[c] = {key(c), c};
   std::nth_element(order, order + (k - 1), order + C,
                    [](const Ranked& a, const Ranked& b) {
                      return a.key > b.key || (a.key == b.key && a.index < b.index);
                    });
-  for (int64_t j = 0; j < k; ++j) idx_out[j] = order[j].index;
-  std::sort(idx_out, idx_out + k);
+  // The k picked are exactly the channels ranking at or above the k-th: one
+  // pass in channel order lists them sorted (no sort of the k indices).
+  const Ranked last = order[k - 1];
+  int64_t j = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const uint64_t kc = key(c);
+    if (kc > last.key || (kc == last.key && c <= last.index)) idx_out[j++] = c;
+  }
 }
 
 // Schedule thresholds for batches smaller than the thread count. Set-up on
