@@ -69,6 +69,7 @@ struct TileArgs {
   const float* wpk;           // ... or packed ones
   float* cbuf;                // accumulators, row stride kQBlock
   int64_t ci_left;            // kept input channels from the chunk's first to the last
+                              // (0: no row prefetch)
 };
 
 // acc[J][R*16] (in cbuf) += sum over i < ci, t < taps of
