@@ -383,6 +383,41 @@ def test_out_variant_may_share_memory_with_x():
     assert max_rel_err(x, expected) < 1e-5
 
 
+SHIFTED_GEOMETRIES = [  # stride 1, Wo == W, at most 64 output pixels: the shifted layout
+    # (kh, kw, padding, dilation, h, w)
+    (3, 3, (1, 1), (1, 1), 4, 4),
+    (3, 3, (1, 1), (1, 1), 8, 8),
+    (5, 5, (2, 2), (1, 1), 5, 5),
+    (3, 5, (0, 2), (1, 1), 6, 7),
+    (3, 3, (2, 2), (2, 2), 4, 6),
+]
+
+
+@pytest.mark.parametrize("kh,kw,padding,dilation,h,w", SHIFTED_GEOMETRIES)
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_shifted_layout_matches_reference(kh, kw, padding, dilation, h, w, n, explicit_in_idx):
+    """Small stride-1 maps keep their width: the kernel copies each kept input
+    channel as kw column-shifted copies and reads taps without junk columns."""
+    g = torch.Generator().manual_seed(kh * 100 + kw * 10 + h + n)
+    cin, cout = 21, 19
+    x = torch.randn(n, cin, h, w, generator=g)
+    x[:, [2, 9]] = 0
+    weight = torch.randn(cout, cin, kh, kw, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:13]).values for _ in range(n)])
+    s = torch.rand(n, 13, generator=g) - 0.3
+    in_idx = None
+    if explicit_in_idx:
+        in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:11]).values
+                              for _ in range(n)])
+    case = Case(x, weight, bias, oi, s, in_idx, (1, 1), padding, dilation, True)
+    with torch_threads(2):
+        y = dynprune.gated_conv2d(*case.args())
+    assert y.shape[-2:] == (h + 2 * padding[0] - dilation[0] * (kh - 1), w)
+    assert_matches_reference(y, case)
+
+
 # --------------------------------------------------------------------------- NaN / inf
 
 
