@@ -4,8 +4,10 @@
 // `omp for`:
 //   A1  per (sample, input channel): channel mean (for the gate, in float64),
 //       whether the channel holds any non-zero value, and, if the kernel
-//       reads it, its copy into the wide grid
-//   A2  per block of 3 gate rows, for all samples: saliency (gate_rows)
+//       reads it, its copy into the wide grid (1x1 convs read most planes in
+//       place; batches that compute the gate first copy after it)
+//   A2  per block of 3 gate rows: saliency (gate_rows), for all samples or
+//       for one sample at a time
 //   A3  per sample: top-k selection, kept input channels, epilogue constants
 //   A4  per (sample, output channel): zeros in the pruned output rows
 //   B   the register-tiled GEMM over work items (see microkernel.h)
@@ -187,7 +189,7 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
 struct SamplePlan {
   std::vector<int64_t> in_ch;       // kept input channels
   std::vector<int64_t> in_off;      // in_ch * taps: offsets into a weight row
-  std::vector<const float*> xs;     // wide-grid plane of each kept input channel
+  std::vector<const float*> xs;     // wide-grid plane (or, 1x1, input plane) of each kept input channel
   std::vector<char> out_kept;       // [Cout]
   std::vector<float> bias_kept;     // [k] bias of each kept channel
 };
@@ -433,11 +435,11 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
   *nonzero = any;
 }
 
-// The gate of a block of samples: sal[n * Cout + c] = relu(gw[c] . means[n] + gb[c])
-// in float64, rounded once, for rows [c0, c1) and samples [0, N). A register
-// tile of R rows x S samples converts each gate weight to float64 once for S
-// samples, where the per-sample dot product converts it once a sample: the
-// conversions (port 5), not the multiply-adds, bound that loop.
+// The gate, sal[n * Cout + c] = relu(gw[c] . means[n] + gb[c]) in float64,
+// rounded once, is computed by gate_rows below. gate_tile: the dot products of
+// R rows x S samples into out[s * ldo + r] (no bias, no relu). Each gate weight
+// is read and converted to float64 once for S samples; a per-sample dot
+// product did both once a sample, bound by the conversions (port 5).
 template <int R, int S>
 static inline __attribute__((always_inline)) void gate_tile(const float* gw, const double* means,
                                                             int64_t Cin, double* out, int64_t ldo) {
@@ -465,7 +467,7 @@ template <int R>
 static inline __attribute__((always_inline)) void gate_rows_r(const float* gw, const double* means,
                                                               int64_t N, int64_t Cin, double* out,
                                                               int64_t ldo) {
-  int64_t n = 0;
+  int64_t n = 0;  // N <= 8 from gate_rows: one tile of 8, or 4 + 2 + 1 of the rest
   for (; n + 8 <= N; n += 8) gate_tile<R, 8>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
   if (N - n >= 4) { gate_tile<R, 4>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 4; }
   if (N - n >= 2) { gate_tile<R, 2>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 2; }

@@ -715,16 +715,18 @@ def test_thread_counts_give_the_same_result(threads, seed):
 
 @pytest.mark.parametrize("n", [2, 13, 16])
 @pytest.mark.parametrize("with_in_idx", [False, True])
-def test_batched_gate_matches_reference(n, with_in_idx):
+@pytest.mark.parametrize("size", [5, 14])
+def test_batched_gate_matches_reference(n, with_in_idx, size):
     """Batches of a sample per thread compute the gate for all samples first
-    (gate rows in blocks of 3, samples in groups of 8/4/2/1): same channels,
+    (gate rows in blocks of 3, samples in groups of 8/4/2/1) where the plane is
+    at most 8 x cout (5x5), else sample by sample (14x14): same channels,
     scales and outputs as the reference, for ragged row, sample and input
     counts (cout 20 = 6 blocks of 3 + 2; cin 19 = 2 x 8 + 3)."""
     from dynprune.ops import dynamic_conv2d_reference
 
     g = torch.Generator().manual_seed(n)
     cin, cout, k = 19, 20, 9
-    x = torch.randn(n, cin, 5, 5, generator=g)  # plane 25 <= 8 * cout: the batched gate
+    x = torch.randn(n, cin, size, size, generator=g)  # 8 * cout = 160: 25 batched, 196 not
     x[:, 3] = 0
     w = torch.randn(cout, cin, 3, 3, generator=g)
     b = torch.randn(cout, generator=g)
