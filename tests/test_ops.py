@@ -418,6 +418,33 @@ def test_shifted_layout_matches_reference(kh, kw, padding, dilation, h, w, n, ex
     assert_matches_reference(y, case)
 
 
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("k", [1, 8, 13])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_3x3_on_2x2_map_matches_reference(n, k, explicit_in_idx):
+    """3x3, stride 1, padding 1 on a 2x2 map: lanes hold (output, input)
+    pixel pairs, one permuted tap row per input channel. Tiles of 8 output
+    channels with a remainder; an all-zero sample (no input channel read)."""
+    g = torch.Generator().manual_seed(n * 100 + k)
+    cin, cout = 23, 17
+    x = torch.randn(n, cin, 2, 2, generator=g)
+    x[:, [1, 4]] = 0
+    x[-1] = 0
+    weight = torch.randn(cout, cin, 3, 3, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
+    s = torch.rand(n, k, generator=g) - 0.3
+    in_idx = None
+    if explicit_in_idx:
+        in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:9]).values
+                              for _ in range(n)])
+    for relu in (False, True):
+        case = Case(x, weight, bias, oi, s, in_idx, (1, 1), (1, 1), (1, 1), relu)
+        with torch_threads(2):
+            y = dynprune.gated_conv2d(*case.args())
+        assert_matches_reference(y, case)
+
+
 # --------------------------------------------------------------------------- NaN / inf
 
 
