@@ -20,7 +20,8 @@ constexpr int kCoutTile = 32;    // kept output channels per tile: two registers
 constexpr int kCoutPixels = 14;  // pixels per tile at most: 28 accumulators
 
 struct CoutTileArgs {
-  const float* const* xs;  // wide-grid (or 1x1 input) plane of each kept input channel of the chunk
+  const float* const* xs;  // wide-grid (or 1x1 input) plane of each kept input
+                           // channel of the chunk
   int64_t ci;              // input channels in the chunk
   const int64_t* tap_off;  // wide-grid offset of each tap
   int64_t taps;

@@ -58,7 +58,8 @@ static inline __attribute__((always_inline)) float finish_value(float conv, floa
 // the original weight (wrows[j] + in_off[i] + t) or packed for this tile
 // (wpk[(i*taps + t)*J + j], see pack_weights in sparse_f32.cpp).
 struct TileArgs {
-  const float* const* xs;  // wide-grid (or 1x1 input) plane of each kept input channel of the chunk
+  const float* const* xs;  // wide-grid (or 1x1 input) plane of each kept input
+                           // channel of the chunk
   int64_t q0, ci;          // first wide position; input channels in the chunk
   const int64_t* tap_off;  // wide-grid offset of each tap
   int64_t taps;

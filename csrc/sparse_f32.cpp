@@ -164,7 +164,8 @@ void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float
 }
 
 // Copies one H x W input plane into its shifted-layout slot (see use_shifted).
-__attribute__((target_clones("arch=x86-64-v4", "default"), optimize("no-tree-loop-distribute-patterns")))
+__attribute__((target_clones("arch=x86-64-v4", "default"),
+               optimize("no-tree-loop-distribute-patterns")))
 void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, float* dst) {
   for (int64_t s = 0; s < g.kw; ++s) {
     const int64_t c0 = s * g.dw - g.pw;  // input column of output column 0
@@ -190,7 +191,7 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
 struct SamplePlan {
   std::vector<int64_t> in_ch;       // kept input channels
   std::vector<int64_t> in_off;      // in_ch * taps: offsets into a weight row
-  std::vector<const float*> xs;     // wide-grid plane (or, 1x1, input plane) of each kept input channel
+  std::vector<const float*> xs;     // wide-grid (or 1x1 input) plane of each kept input channel
   std::vector<char> out_kept;       // [Cout]
   std::vector<float> bias_kept;     // [k] bias of each kept channel
 };
@@ -328,7 +329,7 @@ bool is_conv3x3_on_2x2(const Geometry& g) {
 }
 
 __attribute__((target("arch=x86-64-v4")))
-void pairs_2x2_avx512(const float* weight, const Geometry& g, const Wide& wd, const SamplePlan& sp,
+void pairs_2x2_avx512(const float* weight, const Geometry& g, const SamplePlan& sp,
                       const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, bool relu,
                       float* y_n) {
   constexpr int kRows = 8;  // output channels per register tile
@@ -336,9 +337,9 @@ void pairs_2x2_avx512(const float* weight, const Geometry& g, const Wide& wd, co
   // Lane p*4 + q: the tap of (p, q), and input pixel q in the wide grid
   // (4x4 padded rows: pixel (qh, qw) at (qh + 1) * 4 + qw + 1).
   alignas(64) static const int32_t tap_of[16] = {4, 5, 7, 8, 3, 4, 6, 7, 1, 2, 4, 5, 0, 1, 3, 4};
-  alignas(64) static const int32_t pix_of[16] = {5, 6, 9, 10, 5, 6, 9, 10, 5, 6, 9, 10, 5, 6, 9, 10};
+  alignas(64) static const int32_t pix_of[16] = {5, 6, 9, 10, 5, 6, 9, 10,
+                                                  5, 6, 9, 10, 5, 6, 9, 10};
   const __m512i tidx = _mm512_load_si512(tap_of), pidx = _mm512_load_si512(pix_of);
-  (void)wd;
   for (int64_t j = j0; j < j1; j += kRows) {
     const int J = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
     const float* rows[kRows];
@@ -361,7 +362,8 @@ void pairs_2x2_avx512(const float* weight, const Geometry& g, const Wide& wd, co
       float* out = y_n + out_ch[j + u] * 4;
       const float sc = scale[j + u], bj = sp.bias_kept[j + u];
       for (int p = 0; p < 4; ++p) {
-        const float conv = (lanes[4 * p] + lanes[4 * p + 1]) + (lanes[4 * p + 2] + lanes[4 * p + 3]);
+        const float* l = lanes + 4 * p;
+        const float conv = (l[0] + l[1]) + (l[2] + l[3]);
         out[p] = finish_value(conv, bj, sc, relu);
       }
     }
@@ -442,9 +444,10 @@ void compute_blocks(const float* weight, const float* wpack, bool unroll3x3, con
                     int64_t j0, int64_t j1, int64_t qb0, int64_t nb, bool relu, float* y_n,
                     float* cbuf) {
   // A/B old/new: 512x2x2 1.19-1.45 (batch 1), 1.70-2.15 (batch 16); VGG-16
-  // 1.06 (batch 1), 1.20 (batch 16).
+  // 1.06 (batch 1), 1.20 (batch 16). Its pixel table assumes the padded 4x4
+  // wide grid (use_shifted never picks 2x2 maps: no vector to save).
   if (has_avx512() && !wpack && is_conv3x3_on_2x2(g) && !wd.shifted) {
-    pairs_2x2_avx512(weight, g, wd, sp, out_ch, scale, j0, j1, relu, y_n);
+    pairs_2x2_avx512(weight, g, sp, out_ch, scale, j0, j1, relu, y_n);
     return;
   }
   if (has_avx512()) {
@@ -517,7 +520,8 @@ static inline __attribute__((always_inline)) void gate_tile(const float* gw, con
     for (int s = 0; s < S; ++s) {
       double v = 0;
       for (int l = 0; l < 8; ++l) v += acc[r][s][l];
-      for (int64_t t = i; t < Cin; ++t) v += static_cast<double>(gw[r * Cin + t]) * means[s * Cin + t];
+      for (int64_t t = i; t < Cin; ++t)
+        v += static_cast<double>(gw[r * Cin + t]) * means[s * Cin + t];
       out[s * ldo + r] = v;
     }
 }
@@ -526,8 +530,8 @@ template <int R>
 static inline __attribute__((always_inline)) void gate_rows_r(const float* gw, const double* means,
                                                               int64_t N, int64_t Cin, double* out,
                                                               int64_t ldo) {
-  int64_t n = 0;  // N <= 8 from gate_rows: one tile of 8, or 4 + 2 + 1 of the rest
-  for (; n + 8 <= N; n += 8) gate_tile<R, 8>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
+  if (N == 8) return gate_tile<R, 8>(gw, means, Cin, out, ldo);  // gate_rows passes N <= 8
+  int64_t n = 0;  // else 4 + 2 + 1
   if (N - n >= 4) { gate_tile<R, 4>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 4; }
   if (N - n >= 2) { gate_tile<R, 2>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 2; }
   if (N - n >= 1) gate_tile<R, 1>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
@@ -699,8 +703,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // wide grid would hold the same floats. Not the last plane(s), whose junk
   // positions would read past the end of x; those are copied as usual. (A/B,
   // old/new time: 512x7x7 1x1 1.02-1.15 at batch 16, 1.23-1.30 at batch 1;
-  // 256x14x14 1.13 and 1.34-1.45; 64->256 at 56x56 1.03 and 1.08.) The
-  // callers never pass a y that shares memory with x.
+  // 256x14x14 1.13 and 1.34-1.45; 64->256 at 56x56 1.03 and 1.08.) y never
+  // shares memory with x here: gated_conv2d_out routes such an out through a
+  // temporary.
   const bool plain_1x1 = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   auto in_place = [&](int64_t t) {
     return plain_1x1 && t * plane + wd.qblocks * kQBlock <= N * Cin * plane;
@@ -726,9 +731,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     sp.in_ch.clear();
     sp.xs.clear();
     for (int64_t c = 0; c < Cin; ++c) {
-      if (listed[n * Cin + c]) {
+      const int64_t t = n * Cin + c;
+      if (listed[t]) {
         sp.in_ch.push_back(c);
-        const int64_t t = n * Cin + c;
         if (wide) sp.xs.push_back(in_place(t) ? xp + t * plane : wide + t * wd.chan);
       }
     }
@@ -833,10 +838,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
 
   if (serial_setup) {
     for (int64_t t = 0; t < N * Cin; ++t) scan(t);
-    if (gate && T > 1 && N * Cout * Cin >= kParallelGateMacs) {
-#pragma omp parallel for num_threads(T) schedule(static)
-      for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
-    } else if (gate) {
+    const bool gate_threads = T > 1 && N * Cout * Cin >= kParallelGateMacs;
+    if (gate) {
+#pragma omp parallel for num_threads(T) schedule(static) if (gate_threads)
       for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
     }
     for (int64_t n = 0; n < N; ++n) plan_sample(n, ws.orders[0].data());
