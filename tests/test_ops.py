@@ -383,6 +383,31 @@ def test_out_variant_may_share_memory_with_x():
     assert max_rel_err(x, expected) < 1e-5
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("size", [5, 7, 20])
+def test_nan_input_propagates_like_the_reference(relu, size):
+    """A NaN pixel in a kept input channel makes NaN every kept output its taps
+    reach, ReLU or not (torch.relu keeps NaN); the rest matches the reference
+    and pruned channels stay exactly 0. Covers the vector epilogue's runs
+    (5x5, 7x7) and a map wider than one vector per row (20x20)."""
+    g = torch.Generator().manual_seed(size + relu)
+    n, cin, cout, k = 3, 12, 10, 6
+    x = torch.randn(n, cin, size, size, generator=g)
+    x[1, 4, size // 2, 1] = float("nan")
+    weight = torch.randn(cout, cin, 3, 3, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
+    scale = torch.rand(n, k, generator=g) - 0.5
+    case = Case(x, weight, bias, oi, scale, None, (1, 1), (1, 1), (1, 1), relu)
+    y = dynprune.gated_conv2d(*case.args())
+    ref = dynprune.gated_conv2d_reference(*case.double_args())
+    assert torch.equal(y.isnan(), ref.isnan())
+    assert y.isnan().sum() == k * 3 * 3  # sample 1's kept channels, a 3x3 patch each
+    finite = ~ref.isnan()
+    assert max_rel_err(y[finite], ref[finite]) < REL_TOL_F32
+    assert (y[pruned_mask(oi, n, cout)] == 0).all()
+
+
 SHIFTED_GEOMETRIES = [  # stride 1, Wo == W, at most 64 output pixels: the shifted layout
     # (kh, kw, padding, dilation, h, w)
     (3, 3, (1, 1), (1, 1), 4, 4),
