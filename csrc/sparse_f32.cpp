@@ -211,9 +211,11 @@ __attribute__((target("arch=x86-64-v4")))
 void fill_wide_s1_avx512(const float* src, const Geometry& g, const Wide& w, float* dst) {
   for (int64_t a = 0; a < w.Hph; ++a) {
     const int64_t ih = a - g.ph;
-    const bool inside = ih >= 0 && ih < g.H;
-    copy_row_avx512(src + ih * g.W - g.pw, inside ? g.pw : 0, inside ? g.pw + g.W : 0, w.Wph,
-                    dst + a * w.Wph);
+    if (ih < 0 || ih >= g.H) {  // a padding row: nothing read
+      copy_row_avx512(src, 0, 0, w.Wph, dst + a * w.Wph);
+      continue;
+    }
+    copy_row_avx512(src + ih * g.W - g.pw, g.pw, g.pw + g.W, w.Wph, dst + a * w.Wph);
   }
 }
 
