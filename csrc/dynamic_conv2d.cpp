@@ -108,15 +108,69 @@ struct EvalPlan {
   std::vector<at::Tensor> watched;
   std::vector<int64_t> seen;
 
+  // Python objects the plan was built from: dict[key] was expected then (the
+  // same object, or an equal value for configuration entries; a missing key
+  // reads as None). Checked by holds() on every call, in place of the
+  // layer's Python-side cache key (~7 us a layer inside a network). `dict`
+  // may be a weak reference to an object, meaning that object's __dict__:
+  // the layer's own, which holds the plan (a strong reference would make a
+  // cycle the garbage collector cannot see through this C++ object).
+  struct Guard {
+    pybind11::object dict, key, expected;
+    bool identity;
+  };
+  std::vector<Guard> guards;
+
   bool stale() const {
     for (size_t i = 0; i < watched.size(); ++i)
       if (watched[i]._version() != seen[i]) return true;
     return false;
   }
 
+  // True while every guard still holds and no watched tensor changed in place.
+  bool holds() const {
+    if (stale()) return false;
+    for (const Guard& g : guards) {
+      pybind11::object owned;  // keeps a weakly referenced object's __dict__ alive
+      PyObject* dict = g.dict.ptr();
+      if (PyWeakref_Check(dict)) {
+        PyObject* obj = PyWeakref_GetObject(dict);  // borrowed; None once dead
+        if (obj == Py_None) return false;
+        owned = pybind11::reinterpret_steal<pybind11::object>(PyObject_GenericGetDict(obj, nullptr));
+        if (!owned) {
+          PyErr_Clear();
+          return false;
+        }
+        dict = owned.ptr();
+      }
+      PyObject* item = PyDict_GetItemWithError(dict, g.key.ptr());
+      if (item == nullptr) {
+        if (PyErr_Occurred()) PyErr_Clear();
+        item = Py_None;
+      }
+      if (g.identity) {
+        if (item != g.expected.ptr()) return false;
+        continue;
+      }
+      const int equal = PyObject_RichCompareBool(item, g.expected.ptr(), Py_EQ);
+      if (equal != 1) {
+        if (equal < 0) PyErr_Clear();
+        return false;
+      }
+    }
+    return true;
+  }
+
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x,
                                          const c10::optional<at::Tensor>& in_idx) const {
     TORCH_CHECK_VALUE(x.device().is_cpu(), "EvalPlan runs on CPU tensors, got ", x.device());
+    // DynamicConv2d's own input checks (it skips them on this path), same errors.
+    TORCH_CHECK_VALUE(x.dim() == 4, "DynamicConv2d expects a 4-D input [N, C, H, W], got ",
+                      x.dim(), "-D");
+    TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "DynamicConv2d expects ", weight.size(1),
+                      " input channels, got ", x.size(1));
+    TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "dtype mismatch: input is ",
+                     x.scalar_type(), " but DynamicConv2d weights are ", weight.scalar_type());
     auto out = dynamic_conv2d(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
                               stride, padding, dilation, relu);
     return {std::get<0>(out), std::get<1>(out)};
@@ -132,14 +186,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              at::Tensor gate_weight, at::Tensor gate_bias, at::Tensor priority,
                              int64_t k, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, bool relu,
-                             std::vector<at::Tensor> watched) {
+                             std::vector<at::Tensor> watched, pybind11::list guards) {
              std::vector<int64_t> seen;
              for (const at::Tensor& t : watched) seen.push_back(t._version());
+             std::vector<dynprune::EvalPlan::Guard> checks;
+             for (const pybind11::handle item : guards) {
+               const auto entry = item.cast<pybind11::tuple>();
+               if (entry.size() != 4 ||
+                   !(PyDict_Check(entry[0].ptr()) || PyWeakref_CheckRef(entry[0].ptr())))
+                 throw pybind11::value_error(
+                     "a guard is (dict or weakref, key, expected, by_identity)");
+               checks.push_back({pybind11::reinterpret_borrow<pybind11::object>(entry[0]),
+                                 pybind11::reinterpret_borrow<pybind11::object>(entry[1]),
+                                 pybind11::reinterpret_borrow<pybind11::object>(entry[2]),
+                                 entry[3].cast<bool>()});
+             }
              return dynprune::EvalPlan{weight, bias, gate_weight, gate_bias, priority, k,
-                                       stride, padding, dilation, relu, watched, seen};
-           }))
+                                       stride, padding, dilation, relu, watched, seen, checks};
+           }),
+           pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("gate_weight"),
+           pybind11::arg("gate_bias"), pybind11::arg("priority"), pybind11::arg("k"),
+           pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+           pybind11::arg("relu"), pybind11::arg("watched"),
+           pybind11::arg("guards") = pybind11::list())
       .def("stale", &dynprune::EvalPlan::stale,
            "True when a watched tensor changed in place since the plan was built")
+      .def("holds", &dynprune::EvalPlan::holds,
+           "True while every guard (dict, key, expected, by_identity) still holds and no "
+           "watched tensor changed in place")
       .def("run", &dynprune::EvalPlan::run, pybind11::arg("x"), pybind11::arg("in_idx"),
            "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None");
   m.def("max_pool2d_nchw", &dynprune::max_pool2d_nchw, pybind11::arg("x"), pybind11::arg("kernel"),

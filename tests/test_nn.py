@@ -1,7 +1,9 @@
 """DynamicConv2d, convert() and flops() against nn.Conv2d and the dense path."""
 import copy
+import gc
 import io
 import math
+import weakref
 
 import pytest
 import torch
@@ -84,6 +86,61 @@ def test_bad_input_to_module():
         m(torch.randn(1, 3, 5, 5))
     with pytest.raises(TypeError, match="dtype"):
         m(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+def test_bad_input_to_module_on_the_native_path():
+    """Without autograd, eval runs the native plan, which checks the input
+    itself: the same errors as the Python path."""
+    m = DynamicConv2d(4, 8, 3, batch_norm=True).eval()
+    with torch.no_grad():
+        m(torch.randn(1, 4, 5, 5))
+        assert m._plan_cache is not None and m._plan_cache[2] is not None
+        with pytest.raises(ValueError, match="expects a 4-D input"):
+            m(torch.randn(4, 5, 5))
+        with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
+            m(torch.randn(1, 3, 5, 5))
+        with pytest.raises(TypeError, match="dtype mismatch"):
+            m(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+def test_native_plan_rebuilt_when_a_submodule_is_replaced():
+    """The plan's guards cover the modules holding its tensors: a new gate or
+    BatchNorm (not just new tensors) rebuilds it."""
+    torch.manual_seed(0)
+    m = DynamicConv2d(6, 10, 3, padding=1, keep_ratio=0.5, batch_norm=True).eval()
+    randomize_bn(m)
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        before = m(x)
+        m.gate.fc = nn.Linear(6, 10)
+        after_gate = m(x)
+        assert torch.equal(after_gate, _reference_forward(m, x))
+        assert not torch.equal(after_gate, before)
+        m.bn = nn.BatchNorm2d(10).eval()  # fresh statistics: mean 0, var 1
+        after_bn = m(x)
+        assert torch.equal(after_bn, _reference_forward(m, x))
+        assert not torch.equal(after_bn, after_gate)
+        m.bn.eps = 0.5
+        assert torch.equal(m(x), _reference_forward(m, x))
+        assert not torch.equal(m(x), after_bn)
+
+
+class _Probe:
+    """An object that lives in a layer's __dict__ and dies with it."""
+
+
+def test_native_plan_does_not_keep_its_layer_alive():
+    """A layer whose cached plan checks it on every call is still freed, its
+    __dict__ (which holds the plan) included."""
+    m = DynamicConv2d(4, 8, 3, batch_norm=True).eval()
+    m.probe = _Probe()
+    with torch.no_grad():
+        m(torch.randn(1, 4, 5, 5))
+    assert m._plan_cache is not None and m._plan_cache[2] is not None
+    layer, probe = weakref.ref(m), weakref.ref(m.probe)
+    del m
+    gc.collect()
+    assert layer() is None and probe() is None
 
 
 def test_gradients_flow_to_weights_and_gate():
