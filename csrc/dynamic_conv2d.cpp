@@ -136,7 +136,8 @@ struct EvalPlan {
       if (PyWeakref_Check(dict)) {
         PyObject* obj = PyWeakref_GetObject(dict);  // borrowed; None once dead
         if (obj == Py_None) return false;
-        owned = pybind11::reinterpret_steal<pybind11::object>(PyObject_GenericGetDict(obj, nullptr));
+        owned = pybind11::reinterpret_steal<pybind11::object>(
+            PyObject_GenericGetDict(obj, nullptr));
         if (!owned) {
           PyErr_Clear();
           return false;

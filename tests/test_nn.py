@@ -78,23 +78,14 @@ def test_k_and_keep_ratio_validation():
         dynprune.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), keep_ratio=0)
 
 
-def test_bad_input_to_module():
-    m = DynamicConv2d(4, 8, 3).eval()
-    with pytest.raises(ValueError, match="4-D"):
-        m(torch.randn(4, 5, 5))
-    with pytest.raises(ValueError, match="input channels"):
-        m(torch.randn(1, 3, 5, 5))
-    with pytest.raises(TypeError, match="dtype"):
-        m(torch.randn(1, 4, 5, 5, dtype=torch.float64))
-
-
-def test_bad_input_to_module_on_the_native_path():
-    """Without autograd, eval runs the native plan, which checks the input
-    itself: the same errors as the Python path."""
+@pytest.mark.parametrize("native", [False, True])
+def test_bad_input_to_module(native):
+    """Clear errors for bad input, with autograd on (the Python checks) and off
+    (eval then runs the native plan, which checks the input itself)."""
     m = DynamicConv2d(4, 8, 3, batch_norm=True).eval()
-    with torch.no_grad():
+    with torch.set_grad_enabled(not native):
         m(torch.randn(1, 4, 5, 5))
-        assert m._plan_cache is not None and m._plan_cache[2] is not None
+        assert (m._plan_cache is not None) == native
         with pytest.raises(ValueError, match="expects a 4-D input"):
             m(torch.randn(4, 5, 5))
         with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
