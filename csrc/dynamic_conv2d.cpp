@@ -130,19 +130,23 @@ struct EvalPlan {
   // True while every guard still holds and no watched tensor changed in place.
   bool holds() const {
     if (stale()) return false;
+    PyObject* resolved_ref = nullptr;  // the last weak reference resolved, and its __dict__
+    pybind11::object resolved;
     for (const Guard& g : guards) {
-      pybind11::object owned;  // keeps a weakly referenced object's __dict__ alive
       PyObject* dict = g.dict.ptr();
       if (PyWeakref_Check(dict)) {
-        PyObject* obj = PyWeakref_GetObject(dict);  // borrowed; None once dead
-        if (obj == Py_None) return false;
-        owned = pybind11::reinterpret_steal<pybind11::object>(
-            PyObject_GenericGetDict(obj, nullptr));
-        if (!owned) {
-          PyErr_Clear();
-          return false;
+        if (dict != resolved_ref) {
+          PyObject* obj = PyWeakref_GetObject(dict);  // borrowed; None once dead
+          if (obj == Py_None) return false;
+          resolved = pybind11::reinterpret_steal<pybind11::object>(
+              PyObject_GenericGetDict(obj, nullptr));
+          if (!resolved) {
+            PyErr_Clear();
+            return false;
+          }
+          resolved_ref = dict;
         }
-        dict = owned.ptr();
+        dict = resolved.ptr();
       }
       PyObject* item = PyDict_GetItemWithError(dict, g.key.ptr());
       if (item == nullptr) {

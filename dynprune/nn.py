@@ -266,49 +266,47 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
     def _native_eval_plan(self):
         """This layer's bound native CPU call (``dynprune._C.EvalPlan``), or None.
 
-        Cached under a key of the tensors it was built from (their ids: the
-        cache keeps them alive, so an id cannot be reused) and the
-        configuration; when a BatchNorm is folded in, the plan also checks (in
-        C++) the version counters of the fold's inputs. A replaced Parameter,
-        submodule, a BN update or a new keep ratio rebuilds it; other in-place
-        updates are seen directly (it holds the tensors). The plan re-checks
-        the key natively on each call (``EvalPlan.holds``, guards from
-        ``_plan_guards``): building the key in Python cost ~7 us a layer
-        inside a network (old/new time: ResNet-20 1.05-1.08, ResNet-56 1.12,
-        VGG-16 1.04, with the input checks moved into ``EvalPlan.run``).
+        Cached; the plan checks on each call (``EvalPlan.holds``, natively)
+        that it still matches the layer: the configuration by value, and by
+        identity the tensors it was built from and the submodules holding
+        them (guards from ``_plan_guards``); when a BatchNorm is folded in,
+        also the version counters of the fold's inputs. A replaced Parameter
+        or submodule, a BN update or a new keep ratio rebuilds it; other
+        in-place updates are seen directly (it holds the tensors). (Building
+        that key in Python cost ~7 us a layer inside a network; old/new time
+        with the native check and input checks: ResNet-20 1.05-1.08,
+        ResNet-56 1.12, VGG-16 1.04.)
         None when the native extension is missing or the padding is an
         asymmetric 'same' (which pads x first).
         """
-        cache = self._plan_cache
-        if cache is not None and cache[2] is not None and cache[2].holds():
-            return cache[2]  # one native call checks every key entry (guards below)
+        plan = self._plan_cache
+        if plan is not None and plan.holds():
+            return plan
+        self._plan_cache = None
+        padding = self._symmetric_padding()
+        if _EvalPlan is None or padding is None:
+            return None
         params, bn = self._parameters, self._modules.get("bn")
         gate = self._modules["gate"]
         fc_params = gate._modules["fc"]._parameters
-        src = (params["weight"], params["bias"], fc_params["weight"], fc_params["bias"],
-               gate._buffers["priority"])
+        weight, bias = self.inference_params()
+        # With a BN folded in, the plan's weight and bias are a copy: it
+        # watches the fold's inputs for in-place changes (version counters).
+        watched = []
         if bn is not None:
-            src += (bn._parameters["weight"], bn._parameters["bias"],
-                    bn._buffers["running_mean"], bn._buffers["running_var"])
-        key = (self._keep_ratio, self.relu, self.fuse_relu, self.stride, self.padding,
-               self.dilation, bn.eps if bn is not None else None) + tuple(map(id, src))
-        if cache is not None and cache[0] == key and (cache[2] is None or not cache[2].stale()):
-            return cache[2]
-        plan, padding = None, self._symmetric_padding()
-        if _EvalPlan is not None and padding is not None:
-            weight, bias = self.inference_params()
-            # With a BN folded in, the plan's weight and bias are a copy: it
-            # watches the fold's inputs for in-place changes (version counters).
-            watched = [t for t in src[:2] + src[5:] if t is not None] if bn is not None else []
-            plan = _EvalPlan(weight, bias, *src[2:5], self.k, list(self.stride), list(padding),
-                             list(self.dilation), self.relu or self.fuse_relu, watched,
-                             self._plan_guards(gate, bn))
-        self._plan_cache = (key, src, plan)  # src: keeps the keyed tensors alive
+            watched = [t for t in (params["weight"], params["bias"], bn._parameters["weight"],
+                                   bn._parameters["bias"], bn._buffers["running_mean"],
+                                   bn._buffers["running_var"]) if t is not None]
+        plan = _EvalPlan(weight, bias, fc_params["weight"], fc_params["bias"],
+                         gate._buffers["priority"], self.k, list(self.stride), list(padding),
+                         list(self.dilation), self.relu or self.fuse_relu, watched,
+                         self._plan_guards(gate, bn))
+        self._plan_cache = plan
         return plan
 
     def _plan_guards(self, gate: nn.Module, bn: Optional[nn.Module]) -> list:
-        """What the plan's key covers, as (dict, key, expected, by_identity) entries
-        the plan re-checks natively on each call (``EvalPlan.holds``): the
+        """What the plan depends on, as (dict, key, expected, by_identity) entries
+        it re-checks natively on each call (``EvalPlan.holds``): the
         configuration by value; the tensors, and the submodules that hold them,
         by identity."""
         # The configuration is read from this layer's __dict__ through a weak
