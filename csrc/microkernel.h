@@ -16,6 +16,8 @@
 // v16) or to narrower SIMD; gated_conv2d.cpp builds clones and picks at run time.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 
 namespace dynprune {
@@ -71,6 +73,10 @@ struct TileArgs {
   float* cbuf;                // accumulators, row stride kQBlock
   int64_t ci_left;            // kept input channels from the chunk's first to the last
                               // (0: no row prefetch)
+  const float* xtail;         // tail tiles: per input channel of the chunk, its taps
+                              // at the tail pixel (16 floats, zero past taps)
+  uint16_t tap_mask;          // (1 << taps) - 1
+  int64_t tail_lane;          // the tail pixel's accumulator in each cbuf row
 };
 
 // acc[J][R*16] (in cbuf) += sum over i < ci, t < taps of
@@ -78,10 +84,13 @@ struct TileArgs {
 // first: start from zero. kPacked picks the weight source; k3x3 unrolls the
 // nine taps of a 3x3 kernel whose offsets are r * row_step + s * col_step
 // (stride 1), which leaves no address arithmetic between the FMAs.
-template <int J, int R, bool kPacked, bool k3x3>
-static inline __attribute__((always_inline)) void tile(const TileArgs& a, bool first) {
+template <int J, int R, bool kPacked, bool k3x3, bool kTail = false>
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile(const TileArgs& a, bool first) {
   float* __restrict cbuf = a.cbuf;
   v16 acc[J][R];
+  v16 tacc[kTail ? J : 1];
+  if (kTail)
+    for (int j = 0; j < J; ++j) tacc[j] = v16{};
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r)
       acc[j][r] = first ? v16{} : *reinterpret_cast<const v16u*>(cbuf + j * kQBlock + r * kLanes);
@@ -117,7 +126,20 @@ static inline __attribute__((always_inline)) void tile(const TileArgs& a, bool f
       // second tap in flight.
       for (int64_t t = 0; t < a.taps; ++t) step(xi + a.tap_off[t], t);
     }
+    if (kTail) {
+      // The tail pixel: its taps in the lanes, one FMA per row and channel.
+      const v16 xt = *reinterpret_cast<const v16u*>(a.xtail + i * kLanes);
+      for (int j = 0; j < J; ++j)
+        tacc[j] += reinterpret_cast<v16>(_mm512_maskz_loadu_ps(a.tap_mask, w[j])) * xt;
+    }
     if (kPacked) wpk += a.taps * J;
+  }
+  if (kTail) {
+    for (int j = 0; j < J; ++j) {
+      const float sum = _mm512_reduce_add_ps(reinterpret_cast<__m512>(tacc[j]));
+      float& slot = cbuf[j * kQBlock + a.tail_lane];
+      slot = first ? sum : slot + sum;
+    }
   }
 
   for (int j = 0; j < J; ++j)
@@ -127,7 +149,7 @@ static inline __attribute__((always_inline)) void tile(const TileArgs& a, bool f
 
 // Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4].
 template <int R, bool kPacked, bool k3x3>
-static inline __attribute__((always_inline)) void tile_j(int J, const TileArgs& a, bool first) {
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile_j(int J, const TileArgs& a, bool first) {
   switch (J) {
     case 6: tile<6, R, kPacked, k3x3>(a, first); break;
     case 5: tile<5, R, kPacked, k3x3>(a, first); break;
@@ -139,7 +161,7 @@ static inline __attribute__((always_inline)) void tile_j(int J, const TileArgs& 
 }
 
 template <bool kPacked, bool k3x3>
-static inline __attribute__((always_inline)) void tile_jr(int J, int R, const TileArgs& a,
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile_jr(int J, int R, const TileArgs& a,
                                                           bool first) {
   switch (R) {
     case 4: tile_j<4, kPacked, k3x3>(J, a, first); break;
@@ -149,7 +171,37 @@ static inline __attribute__((always_inline)) void tile_jr(int J, int R, const Ti
   }
 }
 
-static inline __attribute__((always_inline)) void run_tile(int J, int R, const TileArgs& a,
+template <int R, bool k3x3>
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tail_tile_j(int J, const TileArgs& a, bool first) {
+  switch (J) {
+    case 6: tile<6, R, false, k3x3, true>(a, first); break;
+    case 5: tile<5, R, false, k3x3, true>(a, first); break;
+    case 4: tile<4, R, false, k3x3, true>(a, first); break;
+    case 3: tile<3, R, false, k3x3, true>(a, first); break;
+    case 2: tile<2, R, false, k3x3, true>(a, first); break;
+    default: tile<1, R, false, k3x3, true>(a, first); break;
+  }
+}
+
+// Row-pointer tiles whose block ends with a tail pixel (see has_tail in
+// sparse_f32.cpp): R vectors of pixels, then the tail. R in [1, 3].
+template <bool k3x3>
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tail_tile_jr(int J, int R, const TileArgs& a,
+                                                               bool first) {
+  switch (R) {
+    case 3: tail_tile_j<3, k3x3>(J, a, first); break;
+    case 2: tail_tile_j<2, k3x3>(J, a, first); break;
+    default: tail_tile_j<1, k3x3>(J, a, first); break;
+  }
+}
+
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void run_tail_tile(int J, int R, const TileArgs& a,
+                                                                bool is3x3, bool first) {
+  if (is3x3) tail_tile_jr<true>(J, R, a, first);
+  else tail_tile_jr<false>(J, R, a, first);
+}
+
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void run_tile(int J, int R, const TileArgs& a,
                                                            bool packed, bool is3x3, bool first) {
   if (packed) {
     if (is3x3) tile_jr<true, true>(J, R, a, first);

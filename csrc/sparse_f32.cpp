@@ -58,7 +58,15 @@ struct Wide {
   bool sep3x3;                    // 3x3 taps at r * row_step + s * col_step (stride 1)
   int64_t row_step, col_step;
   bool shifted;                   // the column-shifted layout below
+  bool tail;                      // last pixel by the tail (has_tail), where allowed
 };
+
+// A single-block shifted map of 16m + 1 pixels (7x7: 49) leaves its last
+// pixel to a "tail" (microkernel.h): m vectors instead of m + 1.
+bool has_tail(const Geometry& g) {
+  const int64_t q = g.Ho * g.W;
+  return q <= kQBlock && q % kLanes == 1 && q > 1 && g.kh * g.kw <= kLanes;
+}
 
 // Small stride-1 maps whose width the padding keeps (Wo == W) use a
 // "shifted" layout instead: per channel, kw copies of the rows (zero rows
@@ -72,20 +80,23 @@ struct Wide {
 // 1.07. Larger maps measured slower at batch 16 (128x16x16 0.89, 96x20x20
 // 0.92, 64x32x32 5x5 0.72: the copies' footprint, and 16x16 lost the
 // output-channel form), though 1.04-1.05 faster at batch 1.
-bool use_shifted(const Geometry& g) {
+bool use_shifted(const Geometry& g, bool tail_ok) {
   if (g.sh != 1 || g.sw != 1 || g.kw < 2 || g.Wo != g.W) return false;
   const int64_t Wp = g.W + 2 * g.pw;
   auto vectors = [](int64_t q) {  // 16-lane vectors the register tiles sweep
     return q / kQBlock * (kQBlock / kLanes) + (q % kQBlock + kLanes - 1) / kLanes;
   };
-  const int64_t tight = vectors(g.Ho * g.W), padded = vectors(g.Ho * Wp);
-  return g.Ho * g.W <= kQBlock && tight * 10 <= padded * 9;
+  const int64_t q = g.Ho * g.W;
+  const int64_t tight = vectors(q) - (tail_ok && has_tail(g) ? 1 : 0), padded = vectors(g.Ho * Wp);
+  return q <= kQBlock && tight * 10 <= padded * 9;
 }
 
-Wide make_wide(const Geometry& g) {
+Wide make_wide(const Geometry& g, bool tail_ok) {
   Wide w;
-  w.shifted = use_shifted(g);
+  w.shifted = use_shifted(g, tail_ok);
+  w.tail = false;
   if (w.shifted) {
+    w.tail = tail_ok && has_tail(g);
     w.Hph = g.H + 2 * g.ph;
     w.Wph = g.W;
     w.chan = g.kw * w.Hph * w.Wph;
@@ -461,8 +472,21 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
   a.taps = taps;
   a.row_step = wd.row_step;
   a.col_step = wd.col_step;
+  // The tail pixel's taps of each kept input channel, one vector each.
+  const bool tail = wd.tail && !wpack;
+  const int64_t q_tail = wd.Q - 1;
+  float* xtail = cbuf + nb * slab;
+  if (tail) {
+    for (int64_t i = 0; i < kin; ++i) {
+      const float* xi = sp.xs[i] + q_tail;
+      for (int64_t t = 0; t < kLanes; ++t) xtail[i * kLanes + t] = t < taps ? xi[wd.tap_off[t]] : 0.f;
+    }
+  }
+  a.tap_mask = static_cast<uint16_t>((1u << taps) - 1);
+  a.tail_lane = q_tail % kQBlock;
   for (int64_t c0 = 0; c0 < kin; c0 += ci_chunk) {
     a.xs = sp.xs.data() + c0;
+    a.xtail = tail ? xtail + c0 * kLanes : nullptr;
     a.ci = std::min(ci_chunk, kin - c0);
     a.in_off = sp.in_off.data() + c0;
     // 1x1 kernels skip the row prefetch: their runs are single floats, mostly
@@ -480,8 +504,10 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
       for (int64_t b = 0; b < nb; ++b) {
         a.q0 = (qb0 + b) * kQBlock;
         a.cbuf = cbuf + b * slab + (j - j0) * kQBlock;
-        const int R = static_cast<int>((std::min<int64_t>(kQBlock, wd.Q - a.q0) + kLanes - 1) / kLanes);
-        run_tile(J, R, a, wpack != nullptr, unroll3x3, c0 == 0);
+        const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - a.q0) - (tail ? 1 : 0);
+        const int R = static_cast<int>((nq + kLanes - 1) / kLanes);
+        if (tail) run_tail_tile(J, R, a, wd.sep3x3, c0 == 0);
+        else run_tile(J, R, a, wpack != nullptr, unroll3x3, c0 == 0);
       }
     }
   }
@@ -698,7 +724,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor in_idx = in_idx_in.defined() ? as_long(in_idx_in) : in_idx_in;
   const int64_t N = g.N, Cin = g.Cin, Cout = g.Cout, k = out_idx.size(1);
   const int64_t plane = g.H * g.W, Qout = g.Ho * g.Wo, taps = g.kh * g.kw;
-  const Wide wd = make_wide(g);
+  const Wide wd = make_wide(g, has_avx512());
 
   at::Tensor gw, gb, prio;
   if (gate) {
@@ -891,7 +917,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   for (int64_t t = 0; t < T; ++t) {
     if (pack) grow(ws.packs[t], k * Cin * taps);
     if (cout_vec || cout_items) grow(ws.packs[t], cout_pack_floats(g, k));
-    grow(ws.cbufs[t], cbuf_floats);
+    grow(ws.cbufs[t], cbuf_floats + (wd.tail ? Cin * kLanes : 0));
     grow(ws.orders[t], gate ? Cout : 0);
   }
   float* ones = os ? nullptr : grow(ws.ones, k);  // scale 1 when none is given

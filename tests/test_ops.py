@@ -415,6 +415,11 @@ SHIFTED_GEOMETRIES = [  # stride 1, Wo == W, at most 64 output pixels: the shift
     (5, 5, (2, 2), (1, 1), 5, 5),
     (3, 5, (0, 2), (1, 1), 6, 7),
     (3, 3, (2, 2), (2, 2), 4, 6),
+    # 16m + 1 pixels: m vectors and the tail pixel (taps in the lanes)
+    (3, 3, (1, 1), (1, 1), 7, 7),
+    (3, 3, (2, 2), (2, 2), 7, 7),
+    (3, 3, (1, 1), (1, 1), 3, 11),
+    (1, 3, (0, 1), (1, 1), 1, 17),
 ]
 
 
