@@ -59,6 +59,8 @@ struct Wide {
   int64_t row_step, col_step;
   bool shifted;                   // the column-shifted layout below
   bool tail;                      // last pixel by the tail (has_tail), where allowed
+  std::vector<uint16_t> shift_masks;  // shifted: per copy s, per 16 pixels of the
+                                      // plane, the lanes whose source column exists
 };
 
 // A single-block shifted map of 16m + 1 pixels (7x7: 49) leaves its last
@@ -113,6 +115,14 @@ Wide make_wide(const Geometry& g, bool tail_ok) {
     w.col_step = w.Hph * w.Wph;
     w.sep3x3 = g.kh == 3 && g.kw == 3;
     w.len_extra = std::max<int64_t>(0, w.qblocks * kQBlock + max_off - w.chan) + 1;
+    const int64_t plane = g.H * g.W, vecs = (plane + kLanes - 1) / kLanes;
+    w.shift_masks.assign(g.kw * vecs, 0);
+    for (int64_t s = 0; s < g.kw; ++s) {
+      const int64_t c0 = s * g.dw - g.pw;
+      for (int64_t p = 0; p < plane; ++p)
+        if (p % g.W + c0 >= 0 && p % g.W + c0 < g.W)
+          w.shift_masks[s * vecs + p / kLanes] |= static_cast<uint16_t>(1u << (p % kLanes));
+    }
     return w;
   }
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
@@ -194,6 +204,27 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
       for (int64_t b = b_lo; b < b_hi; ++b) d[b] = row[b];
       for (int64_t b = b_hi; b < g.W; ++b) d[b] = 0.f;
     }
+  }
+}
+
+// fill_shifted_channel over the flat plane: each copy's rows are contiguous,
+// so copy s is the plane read at column offset c0 (masked where the source
+// column does not exist; masked lanes never fault) between zero rows.
+__attribute__((target("arch=x86-64-v4")))
+void fill_shifted_avx512(const float* src, const Geometry& g, const Wide& w, float* dst) {
+  const int64_t plane = g.H * g.W, vecs = (plane + kLanes - 1) / kLanes;
+  const int64_t top = g.ph * g.W, bottom = (w.Hph - g.ph - g.H) * g.W;
+  for (int64_t s = 0; s < g.kw; ++s) {
+    const int64_t c0 = s * g.dw - g.pw;
+    float* d = dst + s * w.Hph * w.Wph;
+    std::fill_n(d, top, 0.f);
+    for (int64_t v = 0; v < vecs; ++v) {
+      const int64_t p = v * kLanes, m = std::min<int64_t>(kLanes, plane - p);
+      const __mmask16 store = static_cast<__mmask16>(m == kLanes ? 0xFFFFu : (1u << m) - 1);
+      _mm512_mask_storeu_ps(d + top + p, store,
+                            _mm512_maskz_loadu_ps(w.shift_masks[s * vecs + v], src + p + c0));
+    }
+    std::fill_n(d + top + plane, bottom, 0.f);
   }
 }
 
@@ -815,7 +846,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (!wide || !listed[t] || in_place(t)) return;
     const float* src = xp + t * plane;
     float* dst = wide + t * wd.chan;
-    if (wd.shifted) {
+    if (wd.shifted && vec_fill) {
+      fill_shifted_avx512(src, g, wd, dst);
+    } else if (wd.shifted) {
       fill_shifted_channel(src, g, wd, dst);
     } else if (vec_fill && g.sh == 1 && g.sw == 1) {
       fill_wide_s1_avx512(src, g, wd, dst);
