@@ -76,8 +76,8 @@ bool has_tail(const Geometry& g) {
 // positions are then the output pixels themselves (q = oh*W + ow, no junk
 // columns), and tap (r, s) reads copy s at q + r*dh*W: a 4x4 map fills 16 of
 // 16 lanes instead of 16 of 32, an 8x8 map 64 of 64 instead of 64 of 80.
-// Used where it saves at least 10% of the vectors and the map fits one
-// block. A/B, old/new time: 512x4x4 1.17-1.22 (batch 1), 1.11-1.18 (batch
+// Used where it saves at least 10% of the vectors (counting the tail pixel,
+// which 7x7 maps need it for) and the map fits one block. A/B, old/new time: 512x4x4 1.17-1.22 (batch 1), 1.11-1.18 (batch
 // 16); 256x8x8 1.20 and 1.12-1.18; VGG-16 at batch 1 1.06-1.07, batch 16
 // 1.07. Larger maps measured slower at batch 16 (128x16x16 0.89, 96x20x20
 // 0.92, 64x32x32 5x5 0.72: the copies' footprint, and 16x16 lost the
