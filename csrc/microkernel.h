@@ -105,7 +105,16 @@ static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile
     if (!kPacked) {
       for (int j = 0; j < J; ++j) w[j] = a.wrows[j] + a.in_off[i];
       if (i + kRowPrefetch < a.ci_left) {  // rows are read sparsely: help the prefetcher
-        for (int j = 0; j < J; ++j) __builtin_prefetch(a.wrows[j] + a.in_off[i + kRowPrefetch]);
+        // Both ends of each run: a 3x3 run (36 bytes) straddles two lines
+        // about half the time. A/B on the AMD host, start only/both:
+        // 512x4x4 at batch 1 1.24-1.33, 512x7x7 1.11-1.14 (batch 1) and
+        // 1.04-1.07 (batch 16), 256x8x8 at batch 16 1.02. (On session 6's
+        // Xeon the second prefetch measured within +-3%.)
+        for (int j = 0; j < J; ++j) {
+          const float* run = a.wrows[j] + a.in_off[i + kRowPrefetch];
+          __builtin_prefetch(run);
+          __builtin_prefetch(run + a.taps - 1);
+        }
       }
     }
     auto weight = [&](int j, int64_t t) { return kPacked ? wpk[t * J + j] : w[j][t]; };

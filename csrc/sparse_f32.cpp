@@ -115,13 +115,17 @@ Wide make_wide(const Geometry& g, bool tail_ok) {
     w.col_step = w.Hph * w.Wph;
     w.sep3x3 = g.kh == 3 && g.kw == 3;
     w.len_extra = std::max<int64_t>(0, w.qblocks * kQBlock + max_off - w.chan) + 1;
-    const int64_t plane = g.H * g.W, vecs = (plane + kLanes - 1) / kLanes;
+    // Per copy s, per 16 floats of the copy (zero rows included), the lanes
+    // whose source pixel exists.
+    const int64_t len = w.Hph * w.Wph, vecs = (len + kLanes - 1) / kLanes, top = g.ph * g.W;
     w.shift_masks.assign(g.kw * vecs, 0);
     for (int64_t s = 0; s < g.kw; ++s) {
       const int64_t c0 = s * g.dw - g.pw;
-      for (int64_t p = 0; p < plane; ++p)
-        if (p % g.W + c0 >= 0 && p % g.W + c0 < g.W)
-          w.shift_masks[s * vecs + p / kLanes] |= static_cast<uint16_t>(1u << (p % kLanes));
+      for (int64_t q = top; q < top + g.H * g.W; ++q) {
+        const int64_t col = (q - top) % g.W + c0;
+        if (col >= 0 && col < g.W)
+          w.shift_masks[s * vecs + q / kLanes] |= static_cast<uint16_t>(1u << (q % kLanes));
+      }
     }
     return w;
   }
@@ -207,24 +211,23 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
   }
 }
 
-// fill_shifted_channel over the flat plane: each copy's rows are contiguous,
-// so copy s is the plane read at column offset c0 (masked where the source
-// column does not exist; masked lanes never fault) between zero rows.
+// fill_shifted_channel in vectors: each copy's rows are contiguous, so copy s
+// (zero rows included) is the flat plane read at offset s*dw - pw - ph*W,
+// masked where the source pixel does not exist (masked lanes never fault):
+// one masked load and one store per 16 floats.
 __attribute__((target("arch=x86-64-v4")))
 void fill_shifted_avx512(const float* src, const Geometry& g, const Wide& w, float* dst) {
-  const int64_t plane = g.H * g.W, vecs = (plane + kLanes - 1) / kLanes;
-  const int64_t top = g.ph * g.W, bottom = (w.Hph - g.ph - g.H) * g.W;
+  const int64_t len = w.Hph * w.Wph, vecs = (len + kLanes - 1) / kLanes;
+  const float* base = src - g.ph * g.W;
   for (int64_t s = 0; s < g.kw; ++s) {
-    const int64_t c0 = s * g.dw - g.pw;
-    float* d = dst + s * w.Hph * w.Wph;
-    std::fill_n(d, top, 0.f);
+    const float* from = base + s * g.dw - g.pw;
+    float* d = dst + s * len;
+    const uint16_t* masks = w.shift_masks.data() + s * vecs;
     for (int64_t v = 0; v < vecs; ++v) {
-      const int64_t p = v * kLanes, m = std::min<int64_t>(kLanes, plane - p);
+      const int64_t q = v * kLanes, m = std::min<int64_t>(kLanes, len - q);
       const __mmask16 store = static_cast<__mmask16>(m == kLanes ? 0xFFFFu : (1u << m) - 1);
-      _mm512_mask_storeu_ps(d + top + p, store,
-                            _mm512_maskz_loadu_ps(w.shift_masks[s * vecs + v], src + p + c0));
+      _mm512_mask_storeu_ps(d + q, store, _mm512_maskz_loadu_ps(masks[v], from + q));
     }
-    std::fill_n(d + top + plane, bottom, 0.f);
   }
 }
 
