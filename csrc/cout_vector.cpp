@@ -88,14 +88,8 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
       const float* base = weight + s.in_off[i];
       if (i + kPackPrefetch < s.kin) {  // 32 rows' lines per channel: fetch them early
         const float* ahead = weight + s.in_off[i + kPackPrefetch];
-        // Both ends of each run (a 3x3 run straddles two lines about half
-        // the time). A/B on the AMD host, start only/both: 256x14x14 1.04-1.05
-        // (batch 16) and 1.14 (batch 1), 128x16x16 1.03-1.05 (batch 16).
-        for (int u = 0; u < kCoutTile; ++u) {
+        for (int u = 0; u < kCoutTile; ++u)
           _mm_prefetch(reinterpret_cast<const char*>(ahead + rows[u]), _MM_HINT_T0);
-          if (taps > 1)
-            _mm_prefetch(reinterpret_cast<const char*>(ahead + rows[u] + taps - 1), _MM_HINT_T0);
-        }
       }
       if (use_transpose) {
         // Each row's taps of channel i are contiguous: 16 masked row loads and
