@@ -106,10 +106,10 @@ static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile
       for (int j = 0; j < J; ++j) w[j] = a.wrows[j] + a.in_off[i];
       if (i + kRowPrefetch < a.ci_left) {  // rows are read sparsely: help the prefetcher
         // Both ends of each run: a 3x3 run (36 bytes) straddles two lines
-        // about half the time. A/B on the AMD host, start only/both:
-        // 512x4x4 at batch 1 1.24-1.33, 512x7x7 1.11-1.14 (batch 1) and
-        // 1.04-1.07 (batch 16), 256x8x8 at batch 16 1.02. (On session 6's
-        // Xeon the second prefetch measured within +-3%.)
+        // about half the time. A/B on session 12's AMD host (each timed call
+        // after a dense conv), start only/both time: 512x4x4 and 512x7x7 at
+        // batch 1 1.03-1.04, batch 16 (512x7x7, 256x8x8) 1.00, 64x56x56 at
+        // batch 1 0.99. (On session 6's Xeon: within +-3%.)
         for (int j = 0; j < J; ++j) {
           const float* run = a.wrows[j] + a.in_off[i + kRowPrefetch];
           __builtin_prefetch(run);
