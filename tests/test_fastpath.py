@@ -112,7 +112,11 @@ def test_relu_not_fused_when_output_has_other_consumers():
     ((2, 2, 15, 12), 3, 1, 1, 2), ((1, 70, 5, 7), 5, 3, 2, 1), ((3, 1, 4, 4), 4, 4, 0, 1),
     # 2x2 windows with stride 2 take their own path: odd sizes (floor), 2x2
     # maps, and enough planes to be split between threads
-    ((2, 6, 7, 9), 2, 2, 0, 1), ((1, 9, 2, 2), 2, 2, 0, 1), ((2, 2100, 4, 4), 2, 2, 0, 1)])
+    ((2, 6, 7, 9), 2, 2, 0, 1), ((1, 9, 2, 2), 2, 2, 0, 1), ((2, 2100, 4, 4), 2, 2, 0, 1),
+    # 3-wide windows with stride 2 take vector column steps: 16 outputs at a
+    # time and a partial last one
+    ((2, 3, 40, 70), 3, 2, 1, 1), ((1, 2, 9, 37), 3, 2, 1, 1), ((1, 2, 8, 33), 3, 2, 0, 1),
+    ((1, 2, 6, 64), (2, 3), 2, (1, 1), 1)])
 @pytest.mark.parametrize("grad", [False, True])
 def test_maxpool_matches(shape, k, s, p, d, grad):
     """The native NCHW pool (no autograd) and the channels_last route (autograd)."""
