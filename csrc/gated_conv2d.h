@@ -6,6 +6,10 @@
 
 namespace dynprune {
 
+// AVX-512 paths: on CPUs that have it (F, BW, VL, DQ), unless
+// DYNPRUNE_DISABLE_AVX512=1 forces the portable ones (tests use it).
+bool has_avx512();
+
 // Convolution geometry, resolved and validated once per call.
 struct Geometry {
   int64_t N, Cin, H, W, Cout, kh, kw, Ho, Wo;

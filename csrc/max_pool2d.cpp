@@ -13,7 +13,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <vector>
 
@@ -32,7 +31,8 @@ inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 // PyTorch's NaN-propagating max (nan_max) on 16 lanes.
 __attribute__((target("arch=x86-64-v4")))
 inline __m512 nan_max16(__m512 a, __m512 b) {
-  const __mmask16 take_a = _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  const __mmask16 take_a =
+      _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
   return _mm512_mask_blend_ps(take_a, b, a);
 }
 
@@ -43,7 +43,8 @@ inline __m512 nan_max16(__m512 a, __m512 b) {
 // base must be readable 34 floats past 2 * (Wo - 1) (kRowSlack).
 __attribute__((target("arch=x86-64-v4")))
 void cols_3s2_avx512(const float* base, int64_t Wo, float* o) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i even =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t ow = 0; ow < Wo; ow += 16) {
     const float* p = base + 2 * ow;
@@ -155,8 +156,7 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
     });
     return y;
   }
-  const bool vec_3s2 = kw == 3 && sw == 2 && dw == 1 && __builtin_cpu_supports("avx512f") &&
-                       std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
+  const bool vec_3s2 = kw == 3 && sw == 2 && dw == 1 && has_avx512();
   // Planes in parallel; a grain of several planes keeps small maps on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {

@@ -22,6 +22,9 @@
 
 namespace dynprune {
 
+// The register tiles below are inlined into AVX-512 code only (block_avx512).
+#define DYNPRUNE_TILE_FN static inline __attribute__((always_inline, target("arch=x86-64-v4")))
+
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
@@ -89,7 +92,7 @@ struct TileArgs {
 // pixel's tap inputs (xtail), summed into cbuf[j][tail_lane] at the end.
 // (7x7: 3 vectors and the tail, 28 FMAs per row and channel instead of 36.)
 template <int J, int R, bool kPacked, bool k3x3, bool kTail = false>
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile(const TileArgs& a, bool first) {
+DYNPRUNE_TILE_FN void tile(const TileArgs& a, bool first) {
   float* __restrict cbuf = a.cbuf;
   v16 acc[J][R];
   v16 tacc[kTail ? J : 1];
@@ -161,21 +164,20 @@ static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile
 }
 
 // Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4].
-template <int R, bool kPacked, bool k3x3>
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile_j(int J, const TileArgs& a, bool first) {
+template <int R, bool kPacked, bool k3x3, bool kTail = false>
+DYNPRUNE_TILE_FN void tile_j(int J, const TileArgs& a, bool first) {
   switch (J) {
-    case 6: tile<6, R, kPacked, k3x3>(a, first); break;
-    case 5: tile<5, R, kPacked, k3x3>(a, first); break;
-    case 4: tile<4, R, kPacked, k3x3>(a, first); break;
-    case 3: tile<3, R, kPacked, k3x3>(a, first); break;
-    case 2: tile<2, R, kPacked, k3x3>(a, first); break;
-    default: tile<1, R, kPacked, k3x3>(a, first); break;
+    case 6: tile<6, R, kPacked, k3x3, kTail>(a, first); break;
+    case 5: tile<5, R, kPacked, k3x3, kTail>(a, first); break;
+    case 4: tile<4, R, kPacked, k3x3, kTail>(a, first); break;
+    case 3: tile<3, R, kPacked, k3x3, kTail>(a, first); break;
+    case 2: tile<2, R, kPacked, k3x3, kTail>(a, first); break;
+    default: tile<1, R, kPacked, k3x3, kTail>(a, first); break;
   }
 }
 
 template <bool kPacked, bool k3x3>
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile_jr(int J, int R, const TileArgs& a,
-                                                          bool first) {
+DYNPRUNE_TILE_FN void tile_jr(int J, int R, const TileArgs& a, bool first) {
   switch (R) {
     case 4: tile_j<4, kPacked, k3x3>(J, a, first); break;
     case 3: tile_j<3, kPacked, k3x3>(J, a, first); break;
@@ -184,38 +186,25 @@ static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tile
   }
 }
 
-template <int R, bool k3x3>
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tail_tile_j(int J, const TileArgs& a, bool first) {
-  switch (J) {
-    case 6: tile<6, R, false, k3x3, true>(a, first); break;
-    case 5: tile<5, R, false, k3x3, true>(a, first); break;
-    case 4: tile<4, R, false, k3x3, true>(a, first); break;
-    case 3: tile<3, R, false, k3x3, true>(a, first); break;
-    case 2: tile<2, R, false, k3x3, true>(a, first); break;
-    default: tile<1, R, false, k3x3, true>(a, first); break;
-  }
-}
-
 // Row-pointer tiles whose block ends with a tail pixel (see has_tail in
 // sparse_f32.cpp): R vectors of pixels, then the tail. R in [1, 3].
 template <bool k3x3>
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void tail_tile_jr(int J, int R, const TileArgs& a,
-                                                               bool first) {
+DYNPRUNE_TILE_FN void tail_tile_jr(int J, int R, const TileArgs& a, bool first) {
   switch (R) {
-    case 3: tail_tile_j<3, k3x3>(J, a, first); break;
-    case 2: tail_tile_j<2, k3x3>(J, a, first); break;
-    default: tail_tile_j<1, k3x3>(J, a, first); break;
+    case 3: tile_j<3, false, k3x3, true>(J, a, first); break;
+    case 2: tile_j<2, false, k3x3, true>(J, a, first); break;
+    default: tile_j<1, false, k3x3, true>(J, a, first); break;
   }
 }
 
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void run_tail_tile(int J, int R, const TileArgs& a,
-                                                                bool is3x3, bool first) {
+DYNPRUNE_TILE_FN void run_tail_tile(int J, int R, const TileArgs& a, bool is3x3,
+                                    bool first) {
   if (is3x3) tail_tile_jr<true>(J, R, a, first);
   else tail_tile_jr<false>(J, R, a, first);
 }
 
-static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void run_tile(int J, int R, const TileArgs& a,
-                                                           bool packed, bool is3x3, bool first) {
+DYNPRUNE_TILE_FN void run_tile(int J, int R, const TileArgs& a, bool packed, bool is3x3,
+                               bool first) {
   if (packed) {
     if (is3x3) tile_jr<true, true>(J, R, a, first);
     else tile_jr<true, false>(J, R, a, first);

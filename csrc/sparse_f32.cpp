@@ -30,16 +30,15 @@
 #include "microkernel.h"
 
 namespace dynprune {
-namespace {
 
-// AVX-512 paths: on CPUs that have it, unless DYNPRUNE_DISABLE_AVX512=1
-// forces the portable ones (tests use it).
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           std::getenv("DYNPRUNE_DISABLE_AVX512") == nullptr;
   return yes;
 }
+
+namespace {
 
 // ---------------------------------------------------------------- wide grid
 //
@@ -77,11 +76,12 @@ bool has_tail(const Geometry& g) {
 // columns), and tap (r, s) reads copy s at q + r*dh*W: a 4x4 map fills 16 of
 // 16 lanes instead of 16 of 32, an 8x8 map 64 of 64 instead of 64 of 80.
 // Used where it saves at least 10% of the vectors (counting the tail pixel,
-// which 7x7 maps need it for) and the map fits one block. A/B, old/new time: 512x4x4 1.17-1.22 (batch 1), 1.11-1.18 (batch
-// 16); 256x8x8 1.20 and 1.12-1.18; VGG-16 at batch 1 1.06-1.07, batch 16
-// 1.07. Larger maps measured slower at batch 16 (128x16x16 0.89, 96x20x20
-// 0.92, 64x32x32 5x5 0.72: the copies' footprint, and 16x16 lost the
-// output-channel form), though 1.04-1.05 faster at batch 1.
+// which 7x7 maps need it for) and the map fits one block. A/B, old/new time:
+// 512x4x4 1.17-1.22 (batch 1), 1.11-1.18 (batch 16); 256x8x8 1.20 and
+// 1.12-1.18; VGG-16 at batch 1 1.06-1.07, batch 16 1.07. Larger maps measured
+// slower at batch 16 (128x16x16 0.89, 96x20x20 0.92, 64x32x32 5x5 0.72: the
+// copies' footprint, and 16x16 lost the output-channel form), though 1.04-1.05
+// faster at batch 1.
 bool use_shifted(const Geometry& g, bool tail_ok) {
   if (g.sh != 1 || g.sw != 1 || g.kw < 2 || g.Wo != g.W) return false;
   const int64_t Wp = g.W + 2 * g.pw;
@@ -89,7 +89,8 @@ bool use_shifted(const Geometry& g, bool tail_ok) {
     return q / kQBlock * (kQBlock / kLanes) + (q % kQBlock + kLanes - 1) / kLanes;
   };
   const int64_t q = g.Ho * g.W;
-  const int64_t tight = vectors(q) - (tail_ok && has_tail(g) ? 1 : 0), padded = vectors(g.Ho * Wp);
+  const int64_t tight = vectors(q) - (tail_ok && has_tail(g) ? 1 : 0);
+  const int64_t padded = vectors(g.Ho * Wp);
   return q <= kQBlock && tight * 10 <= padded * 9;
 }
 
@@ -513,7 +514,8 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
   if (tail) {
     for (int64_t i = 0; i < kin; ++i) {
       const float* xi = sp.xs[i] + q_tail;
-      for (int64_t t = 0; t < kLanes; ++t) xtail[i * kLanes + t] = t < taps ? xi[wd.tap_off[t]] : 0.f;
+      for (int64_t t = 0; t < kLanes; ++t)
+        xtail[i * kLanes + t] = t < taps ? xi[wd.tap_off[t]] : 0.f;
     }
   }
   a.tap_mask = static_cast<uint16_t>((1u << taps) - 1);
