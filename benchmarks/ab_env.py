@@ -2,7 +2,9 @@
 
 Usage:
     python benchmarks/ab_env.py VAR L:channels:size:batch:keep ... M:model:batch:reduction ...
-           [--reps R] [--rounds N]
+           S:cin:cout:size:kernel:stride:batch ... [--reps R] [--rounds N]
+
+(S: a layer of benchmarks/other_shapes.py, keep 0.5.)
 
 For kernel experiments: the C++ side reads VAR (getenv once per call) to pick a
 variant; remove the toggle before committing. "old" runs with VAR unset, "new"
@@ -22,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # other_shapes
 from dynprune.bench import layer_case, model_case  # noqa: E402
 
 
@@ -36,7 +39,13 @@ def case_for(spec: str):
         name, batch, red = parts[1], int(parts[2]), float(parts[3])
         case = model_case(name, batch, reductions=(red,))
         return case[("dynamic", red)], case["dense"], case[("static", red)]
-    raise SystemExit(f"bad spec {spec!r}: L:channels:size:batch:keep or M:model:batch:reduction")
+    if parts[0] == "S":
+        from other_shapes import case as shape_case
+        cin, cout, size, kernel, stride, batch = map(int, parts[1:7])
+        case = shape_case(cin, cout, size, kernel, stride, batch)
+        return case["dynamic"], case["dense"], case["static"]
+    raise SystemExit(f"bad spec {spec!r}: L:channels:size:batch:keep, M:model:batch:reduction "
+                     "or S:cin:cout:size:kernel:stride:batch")
 
 
 def main() -> None:
@@ -84,7 +93,8 @@ def main() -> None:
                 print(f"{spec}: old/new {m['old'] / m['new']:.3f}  "
                       f"dyn/static old {m['old'] / m['static']:.2f} new {m['new'] / m['static']:.2f}  "
                       f"dense/dyn old {m['dense'] / m['old']:.2f} new {m['dense'] / m['new']:.2f}  "
-                      f"({rounds} rounds)", flush=True)
+                      f"({rounds} rounds; ms old {m['old'] * 1e3:.3f} new {m['new'] * 1e3:.3f} "
+                      f"static {m['static'] * 1e3:.3f} dense {m['dense'] * 1e3:.3f})", flush=True)
         set_variant(False)
 
 
