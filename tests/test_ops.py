@@ -805,6 +805,40 @@ def test_batched_gate_matches_reference(n, with_in_idx, size):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cin,cout,k,size,kernel,stride", [
+    (24, 20, 13, 7, 3, 1),    # shifted layout with the tail pixel
+    (20, 18, 7, 4, 3, 1),     # shifted layout
+    (24, 16, 9, 7, 1, 1),     # 1x1 read in place (the last planes copied)
+    (12, 40, 34, 14, 3, 1),   # output-channel form
+    (10, 14, 8, 20, 3, 1),    # packed weights (7 wide blocks)
+    (16, 12, 5, 9, 3, 2),     # stride-phase wide grid
+])
+def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, kernel, stride):
+    """Batches of a sample per thread reuse each thread's wide-grid slots for
+    all its samples (6 samples: 2-3 a thread): every sample still gets its own
+    inputs, with different zero channels and kept sets per sample."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    g = torch.Generator().manual_seed(cin * size + kernel)
+    n = 6
+    x = torch.randn(n, cin, size, size, generator=g)
+    for s in range(n):
+        x[s, torch.randperm(cin, generator=g)[: cin // 3]] = 0
+    w = torch.randn(cout, cin, kernel, kernel, generator=g)
+    b = torch.randn(cout, generator=g)
+    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
+    prio = torch.rand(cout, generator=g)
+    pad = kernel // 2
+    args = (w, b, gw, gb, prio, k, None, [stride] * 2, [pad] * 2, [1, 1], True)
+    with torch_threads(threads):
+        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
+    ry, ridx, _ = dynamic_conv2d_reference(
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert torch.equal(idx, ridx)
+    assert max_rel_err(y, ry) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cin,cout,k,size", [
     (6, 8, 3, 5),      # set-up and GEMM on the calling thread
     (16, 32, 24, 24),  # set-up on the calling thread, GEMM across threads
