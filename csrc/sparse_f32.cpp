@@ -281,31 +281,46 @@ struct SamplePlan {
 // Each channel gets an integer key that orders like that (nth_element on
 // integers is several times faster than a partial sort with float compares).
 
-// Order-preserving uint32 of a float: NaN largest, -0 equal to +0.
+// Order-preserving uint32 of a float: NaN largest, -0 equal to +0. Without
+// branches: about half of a ReLU'd saliency row is zero.
 inline uint32_t rank_bits(float f) {
-  if (std::isnan(f)) return 0xFFFFFFFFu;
-  if (f == 0.f) f = 0.f;
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  u = u == 0x80000000u ? 0u : u;
+  const uint32_t r = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return f != f ? 0xFFFFFFFFu : r;
 }
 
-// keys: C scratch slots. nth_element runs on the bare keys (8-byte integers,
-// one compare); the index tie-break is applied after: every channel above the
-// k-th key is kept, and of those equal to it the lowest indices fill the rest.
-// One pass in channel order then lists the picks sorted.
+// keys: 2 * C scratch slots (the keys in channel order, and a copy for
+// nth_element). nth_element runs on the bare keys (8-byte integers, one
+// compare); the index tie-break is applied after: every channel above the k-th
+// key is kept, and of those equal to it the lowest indices fill the rest. One
+// pass in channel order then lists the picks sorted, without branches where
+// every tie is kept (the usual case: priorities differ). 512 channels, keep
+// half: 1.2 us a row, 4.8-6.1 us with branches in the keys and the last pass.
 void select_row(const float* sal, const float* prio, int64_t C, int64_t k, uint64_t* keys,
                 int64_t* idx_out) {
-  auto key = [&](int64_t c) { return (uint64_t{rank_bits(sal[c])} << 32) | rank_bits(prio[c]); };
-  for (int64_t c = 0; c < C; ++c) keys[c] = key(c);
+  uint64_t* by_channel = keys + C;
+  for (int64_t c = 0; c < C; ++c)
+    by_channel[c] = keys[c] = (uint64_t{rank_bits(sal[c])} << 32) | rank_bits(prio[c]);
   std::nth_element(keys, keys + (k - 1), keys + C, std::greater<uint64_t>());
   const uint64_t kth = keys[k - 1];
   int64_t above = 0;
   for (int64_t j = 0; j < k - 1; ++j) above += keys[j] > kth;
   int64_t ties_left = k - above;  // channels with key == kth to keep, lowest index first
+  int64_t ties = 0;
+  for (int64_t c = 0; c < C; ++c) ties += by_channel[c] == kth;
   int64_t j = 0;
+  if (ties == ties_left) {
+    for (int64_t c = 0; c < C; ++c) {
+      idx_out[j] = c;  // idx_out has k slots, and j < k until the last pick
+      j += by_channel[c] >= kth;
+      if (j == k) break;
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
-    const uint64_t kc = key(c);
+    const uint64_t kc = by_channel[c];
     if (kc > kth || (kc == kth && ties_left-- > 0)) idx_out[j++] = c;
   }
 }
@@ -893,15 +908,22 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       select_row(sal + n * Cout, prio.data_ptr<float>(), Cout, k, order, idx);
       for (int64_t j = 0; j < k; ++j) os[n * k + j] = sal[n * Cout + idx[j]];
     }
-    sp.in_ch.clear();
-    sp.xs.clear();
+    // The kept input channels, without a branch per channel (about half are
+    // zero, at random). With select_row's branch-free passes, A/B old/new:
+    // 512x7x7 1x1 1.03 (batch 16), ResNet-18 1.02 (batch 1), 3x3 layers 1.00.
+    sp.in_ch.resize(Cin);
+    int64_t kin = 0;
     for (int64_t c = 0; c < Cin; ++c) {
-      const int64_t t = n * Cin + c;
-      if (listed[t]) {
-        sp.in_ch.push_back(c);
-        if (wide) sp.xs.push_back(in_place(t) ? xp + t * plane : slot(t, worker));
-      }
+      sp.in_ch[kin] = c;
+      kin += listed[n * Cin + c] != 0;
     }
+    sp.in_ch.resize(kin);
+    sp.xs.resize(wide ? kin : 0);
+    if (wide)
+      for (int64_t i = 0; i < kin; ++i) {
+        const int64_t t = n * Cin + sp.in_ch[i];
+        sp.xs[i] = in_place(t) ? xp + t * plane : slot(t, worker);
+      }
     sp.in_off.resize(sp.in_ch.size());
     for (size_t i = 0; i < sp.in_ch.size(); ++i) sp.in_off[i] = sp.in_ch[i] * taps;
     sp.out_kept.assign(Cout, 0);
@@ -972,7 +994,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (pack) grow(ws.packs[t], k * Cin * taps);
     if (cout_vec || cout_items) grow(ws.packs[t], cout_pack_floats(g, k));
     grow(ws.cbufs[t], cbuf_floats + (wd.tail ? Cin * kLanes : 0));
-    grow(ws.orders[t], gate ? Cout : 0);
+    grow(ws.orders[t], gate ? 2 * Cout : 0);
   }
   float* ones = os ? nullptr : grow(ws.ones, k);  // scale 1 when none is given
   if (ones) std::fill_n(ones, k, 1.f);
