@@ -76,13 +76,15 @@ bool has_tail(const Geometry& g) {
 // columns), and tap (r, s) reads copy s at q + r*dh*W: a 4x4 map fills 16 of
 // 16 lanes instead of 16 of 32, an 8x8 map 64 of 64 instead of 64 of 80.
 // Used where it saves at least 10% of the vectors (counting the tail pixel,
-// which 7x7 maps need it for) and the map fits one block. A/B, old/new time:
+// which 7x7 maps need it for) and the map fits one block, or (multi_block)
+// with any number of blocks. A/B, old/new time:
 // 512x4x4 1.17-1.22 (batch 1), 1.11-1.18 (batch 16); 256x8x8 1.20 and
 // 1.12-1.18; VGG-16 at batch 1 1.06-1.07, batch 16 1.07. Larger maps measured
 // slower at batch 16 (128x16x16 0.89, 96x20x20 0.92, 64x32x32 5x5 0.72: the
 // copies' footprint, and 16x16 lost the output-channel form), though 1.04-1.05
-// faster at batch 1.
-bool use_shifted(const Geometry& g, bool tail_ok) {
+// faster at batch 1. (Session 13 revisits multi-block maps: make_wide's
+// caller.)
+bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
   if (g.sh != 1 || g.sw != 1 || g.kw < 2 || g.Wo != g.W) return false;
   const int64_t Wp = g.W + 2 * g.pw;
   auto vectors = [](int64_t q) {  // 16-lane vectors the register tiles sweep
@@ -91,12 +93,12 @@ bool use_shifted(const Geometry& g, bool tail_ok) {
   const int64_t q = g.Ho * g.W;
   const int64_t tight = vectors(q) - (tail_ok && has_tail(g) ? 1 : 0);
   const int64_t padded = vectors(g.Ho * Wp);
-  return q <= kQBlock && tight * 10 <= padded * 9;
+  return (q <= kQBlock || multi_block) && tight * 10 <= padded * 9;
 }
 
-Wide make_wide(const Geometry& g, bool tail_ok) {
+Wide make_wide(const Geometry& g, bool tail_ok, bool multi_block) {
   Wide w;
-  w.shifted = use_shifted(g, tail_ok);
+  w.shifted = use_shifted(g, tail_ok, multi_block);
   w.tail = false;
   if (w.shifted) {
     w.tail = tail_ok && has_tail(g);
@@ -782,7 +784,24 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor in_idx = in_idx_in.defined() ? as_long(in_idx_in) : in_idx_in;
   const int64_t N = g.N, Cin = g.Cin, Cout = g.Cout, k = out_idx.size(1);
   const int64_t plane = g.H * g.W, Qout = g.Ho * g.Wo, taps = g.kh * g.kw;
-  const Wide wd = make_wide(g, has_avx512());
+  const int64_t T = at::in_parallel_region() ? 1 : at::get_num_threads();
+  // Batches of at least a sample per thread run each sample start to end on
+  // one thread: no barriers, and its copies stay in that core's cache.
+  const bool per_sample = N >= T && (N % T == 0 || N >= 4 * T);
+  const Wide wd = [&] {
+    const Wide padded = make_wide(g, has_avx512(), false);
+    // Such samples use the shifted layout on maps of several blocks too
+    // (three copies of each plane at most), unless the output-channel form
+    // would run the padded grid. A/B at batch 16, old/new time: 160x12x12
+    // 1.13 (dyn/static 1.44 -> 1.27), 96x20x20 1.06, 48x10x10 1.045,
+    // ResNet-56 1.046, ResNet-20 1.02; against the output-channel form
+    // 256x9x9 0.98 and VGG-16 0.99, with 5x5 taps (64x32x32) 0.97; at batch
+    // 1 48x10x10 0.85, 96x20x20 0.93 (three copies per plane, on one thread).
+    const bool cout_padded = has_avx512() &&
+        cout_vector_pays(g, k, static_cast<double>(Qout) / (padded.qblocks * kQBlock));
+    if (!per_sample || g.kw > 3 || cout_padded || padded.shifted) return padded;
+    return make_wide(g, has_avx512(), true);
+  }();
 
   at::Tensor gw, gb, prio;
   if (gate) {
@@ -826,10 +845,6 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // (Windows of output channels inside each thread's samples, 0.5-2 MB of
   // weight rows each, measured no faster on 2x2..56x56 maps at batch 16: the
   // kernel is not bound by streaming weights from L3.)
-  const int64_t T = at::in_parallel_region() ? 1 : at::get_num_threads();
-  // Batches of at least a sample per thread run each sample start to end on
-  // one thread: no barriers, and its copies stay in that core's cache.
-  const bool per_sample = N >= T && (N % T == 0 || N >= 4 * T);
   // Wide-grid slot of input channel (n, c): wide + (n * Cin + c) * wd.chan;
   // where samples run whole, each thread reuses its own Cin slots for each of
   // its samples instead, so the copies write lines still in its cache.

@@ -808,10 +808,12 @@ def test_batched_gate_matches_reference(n, with_in_idx, size):
 @pytest.mark.parametrize("cin,cout,k,size,kernel,stride", [
     (24, 20, 13, 7, 3, 1),    # shifted layout with the tail pixel
     (20, 18, 7, 4, 3, 1),     # shifted layout
+    (16, 12, 7, 12, 3, 1),    # shifted layout over 3 blocks
+    (10, 14, 8, 20, 3, 1),    # shifted layout over 7 blocks, packed weights
     (24, 16, 9, 7, 1, 1),     # 1x1 read in place (the last planes copied)
-    (12, 40, 34, 14, 3, 1),   # output-channel form
-    (10, 14, 8, 20, 3, 1),    # packed weights (7 wide blocks)
+    (12, 40, 32, 14, 3, 1),   # output-channel form
     (16, 12, 5, 9, 3, 2),     # stride-phase wide grid
+    (12, 10, 6, 12, 5, 1),    # 5x5 taps: padded grid over several blocks
 ])
 def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, kernel, stride):
     """Batches of a sample per thread reuse each thread's wide-grid slots for
