@@ -804,6 +804,19 @@ def test_batched_gate_matches_reference(n, with_in_idx, size):
     assert max_rel_err(y, ry) < 1e-5
 
 
+def assert_dynamic_matches_reference(x, args, threads):
+    """dynamic_conv2d on `threads` threads picks the reference's channels and
+    matches its float64 output."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    with torch_threads(threads):
+        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
+    ry, ridx, _ = dynamic_conv2d_reference(
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert torch.equal(idx, ridx)
+    assert max_rel_err(y, ry) < 1e-5
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cin,cout,k,size,kernel,stride", [
     (24, 20, 13, 7, 3, 1),    # shifted layout with the tail pixel
@@ -819,8 +832,6 @@ def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, ker
     """Batches of a sample per thread reuse each thread's wide-grid slots for
     all its samples (6 samples: 2-3 a thread): every sample still gets its own
     inputs, with different zero channels and kept sets per sample."""
-    from dynprune.ops import dynamic_conv2d_reference
-
     g = torch.Generator().manual_seed(cin * size + kernel)
     n = 6
     x = torch.randn(n, cin, size, size, generator=g)
@@ -832,12 +843,7 @@ def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, ker
     prio = torch.rand(cout, generator=g)
     pad = kernel // 2
     args = (w, b, gw, gb, prio, k, None, [stride] * 2, [pad] * 2, [1, 1], True)
-    with torch_threads(threads):
-        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
-    ry, ridx, _ = dynamic_conv2d_reference(
-        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
-    assert torch.equal(idx, ridx)
-    assert max_rel_err(y, ry) < 1e-5
+    assert_dynamic_matches_reference(x, args, threads)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -849,8 +855,6 @@ def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, ker
 ])
 def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
     """Batch 1 picks its schedule by size: each one gives the reference result."""
-    from dynprune.ops import dynamic_conv2d_reference
-
     g = torch.Generator().manual_seed(cin + size)
     x = torch.randn(1, cin, size, size, generator=g)
     x[:, 1] = 0
@@ -859,12 +863,7 @@ def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
     gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
     prio = torch.rand(cout, generator=g)
     args = (w, b, gw, gb, prio, k, None, [1, 1], [1, 1], [1, 1], True)
-    with torch_threads(threads):
-        y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
-    ry, ridx, _ = dynamic_conv2d_reference(
-        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
-    assert torch.equal(idx, ridx)
-    assert max_rel_err(y, ry) < 1e-5
+    assert_dynamic_matches_reference(x, args, threads)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
