@@ -165,6 +165,45 @@ DYNPRUNE_TILE_FN void tile(const TileArgs& a, bool first) {
       *reinterpret_cast<v16u*>(cbuf + j * kQBlock + r * kLanes) = acc[j][r];
 }
 
+// The tail pixel of a 1x1 kernel (Wide::tail, sparse_f32.cpp). A weight row
+// is contiguous over input channels, so the pixel is a dot product over
+// windows of 16 channels: window w starts at channel win_c[w], its kept
+// channels are the bits of win_mask[w], and x[16w + l] is channel
+// win_c[w] + l's input at the pixel. Masked lanes are neither loaded nor
+// computed: no multiply-add touches an input channel that is not kept. A
+// 512-channel row costs at most 32 FMAs where a fourth vector of pixels cost
+// one FMA per kept input (256 at keep 0.5); session 13's gathers of the kept
+// weights cost more than they saved. Writes out[j * kQBlock].
+template <int J>
+DYNPRUNE_TILE_FN void tail_dot(const float* const* wrows, const int64_t* win_c,
+                               const uint16_t* win_mask, const float* x, int64_t windows,
+                               float* out) {
+  __m512 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < windows; ++w) {
+    const __mmask16 m = win_mask[w];
+    const __m512 xv = _mm512_loadu_ps(x + w * kLanes);
+    for (int j = 0; j < J; ++j)
+      acc[j] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(m, wrows[j] + win_c[w]), xv, acc[j], m);
+  }
+  for (int j = 0; j < J; ++j) out[j * kQBlock] = _mm512_reduce_add_ps(acc[j]);
+}
+
+DYNPRUNE_TILE_FN void run_tail_dot(int J, const float* const* wrows, const int64_t* win_c,
+                                   const uint16_t* win_mask, const float* x, int64_t windows,
+                                   float* out) {
+  switch (J) {
+    case 8: tail_dot<8>(wrows, win_c, win_mask, x, windows, out); break;
+    case 7: tail_dot<7>(wrows, win_c, win_mask, x, windows, out); break;
+    case 6: tail_dot<6>(wrows, win_c, win_mask, x, windows, out); break;
+    case 5: tail_dot<5>(wrows, win_c, win_mask, x, windows, out); break;
+    case 4: tail_dot<4>(wrows, win_c, win_mask, x, windows, out); break;
+    case 3: tail_dot<3>(wrows, win_c, win_mask, x, windows, out); break;
+    case 2: tail_dot<2>(wrows, win_c, win_mask, x, windows, out); break;
+    default: tail_dot<1>(wrows, win_c, win_mask, x, windows, out); break;
+  }
+}
+
 // Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4].
 template <int R, bool kPacked, bool k3x3, bool kTail = false>
 DYNPRUNE_TILE_FN void tile_j(int J, const TileArgs& a, bool first) {
@@ -185,6 +224,26 @@ DYNPRUNE_TILE_FN void tile_jr(int J, int R, const TileArgs& a, bool first) {
     case 3: tile_j<3, kPacked, k3x3>(J, a, first); break;
     case 2: tile_j<2, kPacked, k3x3>(J, a, first); break;
     default: tile_j<1, kPacked, k3x3>(J, a, first); break;
+  }
+}
+
+// 1x1 tiles ahead of tail_dot (one chunk: they start from zero): R in
+// [1, 3] vectors, J in [1, kJBlockTail1x1].
+constexpr int kJBlockTail1x1 = 8;
+template <int R>
+DYNPRUNE_TILE_FN void tile_1x1_j(int J, const TileArgs& a) {
+  switch (J) {
+    case 8: tile<8, R, false, false>(a, true); break;
+    case 7: tile<7, R, false, false>(a, true); break;
+    default: tile_j<R, false, false>(J, a, true); break;
+  }
+}
+
+DYNPRUNE_TILE_FN void run_1x1_tail_tile(int J, int R, const TileArgs& a) {
+  switch (R) {
+    case 3: tile_1x1_j<3>(J, a); break;
+    case 2: tile_1x1_j<2>(J, a); break;
+    default: tile_1x1_j<1>(J, a); break;
   }
 }
 

@@ -62,12 +62,13 @@ struct Wide {
                                       // plane, the lanes whose source column exists
 };
 
-// A single-block shifted map of 16m + 1 pixels (7x7: 49) leaves its last
-// pixel to a "tail" (microkernel.h): m vectors instead of m + 1.
-bool has_tail(const Geometry& g) {
-  const int64_t q = g.Ho * g.W;
-  return q <= kQBlock && q % kLanes == 1 && q > 1 && g.kh * g.kw <= kLanes;
+// A single-block map of 16m + 1 wide positions (7x7: 49) leaves its last
+// pixel to a "tail" (microkernel.h): m vectors instead of m + 1. q: the
+// map's wide positions.
+bool tail_fits(int64_t q, int64_t taps) {
+  return q <= kQBlock && q % kLanes == 1 && q > 1 && taps <= kLanes;
 }
+bool has_tail(const Geometry& g) { return tail_fits(g.Ho * g.W, g.kh * g.kw); }
 
 // Small stride-1 maps whose width the padding keeps (Wo == W) use a
 // "shifted" layout instead: per channel, kw copies of the rows (zero rows
@@ -153,6 +154,10 @@ Wide make_wide(const Geometry& g, bool tail_ok, bool multi_block) {
   w.row_step = g.dh * w.Wph;
   w.col_step = g.dw;
   w.sep3x3 = g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1;
+  // 1x1 kernels take the tail on this grid too (tail_dot in microkernel.h):
+  // 7x7 outputs, stride 1 or 2. A/B, old/new time: 512x7x7 1x1 1.12 (batch
+  // 1), 1.08 (batch 16); 256->512 stride 2 at 14x14 1.07 and 1.075.
+  w.tail = tail_ok && g.kh * g.kw == 1 && tail_fits(w.Q, 1);
   // Junk positions of the last block may read past the last channel.
   w.len_extra = std::max<int64_t>(0, w.qblocks * kQBlock + max_off - w.chan) + 1;
   return w;
@@ -275,8 +280,13 @@ struct SamplePlan {
   std::vector<const float*> xs;     // wide-grid (or 1x1 input) plane of each kept input channel
   std::vector<char> out_kept;       // [Cout]
   std::vector<float> bias_kept;     // [k] bias of each kept channel
-  std::vector<float> xtail;         // tail maps (has_tail): per kept input channel, its
-                                    // taps at the tail pixel, 16 floats (zero past taps)
+  std::vector<float> xtail;         // tail maps (Wide::tail): per kept input channel, its
+                                    // taps at the tail pixel, 16 floats (zero past taps);
+                                    // 1x1 kernels: per window of tail_c, 16 channels'
+                                    // inputs at the tail pixel (zero where not kept);
+                                    // empty where this sample skips the tail
+  std::vector<int64_t> tail_c;      // 1x1 tail windows: first channel (tail_dot) ...
+  std::vector<uint16_t> tail_mask;  // ... and its kept channels
 };
 
 // Top-k of one saliency row by (saliency desc, priority desc, index asc),
@@ -526,6 +536,8 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
   // 512x4x4 1.065 and 1.06, 256x8x8 1.05 and 1.02, 256x7x7 1.02 (batch 16),
   // VGG-16 1.035 (batch 16) and 1.025 (batch 1). (On session 10's Xeon the
   // same change was 0.83-0.97 at batch 16.)
+  // (1x1 tail maps too: chunks of 64 channels, whose inputs stay in L1,
+  // measured 0.96-0.99 on 512x7x7 1x1 and 256->512 stride 2.)
   const int64_t ci_chunk = wd.Q <= kQBlock ? std::max<int64_t>(kin, 1) : channels_per_chunk(taps);
   if (kin == 0) std::fill_n(cbuf, nb * slab, 0.f);
   TileArgs a;
@@ -533,7 +545,8 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
   a.taps = taps;
   a.row_step = wd.row_step;
   a.col_step = wd.col_step;
-  const bool tail = wd.tail && !wpack;
+  const bool tail = wd.tail && !wpack && !sp.xtail.empty();
+  const bool tail_1x1 = tail && taps == 1;  // tail_dot after the vectors
   const int64_t q_tail = wd.Q - 1;
   a.tap_mask = static_cast<uint16_t>((1u << taps) - 1);
   a.tail_lane = q_tail % kQBlock;
@@ -547,9 +560,14 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
     // time: 512x7x7 1x1 1.08-1.09 (batch 16), 1.13 (batch 1); 256x14x14
     // 1.07-1.28; 256->1024 at 14x14 1.10-1.39; 64->256 at 56x56 1.00.
     a.ci_left = taps == 1 ? 0 : kin - c0;
-    for (int64_t j = j0; j < j1; j += kJBlock) {
-      const int J = static_cast<int>(std::min<int64_t>(kJBlock, j1 - j));
-      const float* wrows[kJBlock];
+    // 1x1 tail tiles hold 3 vectors, not 4: 8 rows of them fit the registers.
+    // A/B, old/new time (6 rows -> 8): 512x7x7 1x1 1.08 (batch 1), 1.105
+    // (batch 16); 256->512 stride 2 at 14x14 1.03 and 1.08. (9 rows:
+    // 1.015-1.026 more, within the noise; 8 kept.)
+    const int64_t jstep = tail_1x1 ? kJBlockTail1x1 : kJBlock;
+    for (int64_t j = j0; j < j1; j += jstep) {
+      const int J = static_cast<int>(std::min<int64_t>(jstep, j1 - j));
+      const float* wrows[kJBlockTail1x1];
       for (int u = 0; u < J; ++u) wrows[u] = weight + out_ch[j + u] * row_len;
       a.wrows = wrows;
       a.wpk = wpack ? wpack + (j * kin + c0 * J) * taps : nullptr;
@@ -559,8 +577,15 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
         a.cbuf = cbuf + b * slab + (j - j0) * kQBlock;
         const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - a.q0) - (tail ? 1 : 0);
         const int R = static_cast<int>((nq + kLanes - 1) / kLanes);
-        if (tail) run_tail_tile(J, R, a, wd.sep3x3, c0 == 0);
-        else run_tile(J, R, a, wpack != nullptr, unroll3x3, c0 == 0);
+        if (tail_1x1) {  // one chunk (wd.Q <= kQBlock): the dot once, after it
+          run_1x1_tail_tile(J, R, a);
+          run_tail_dot(J, wrows, sp.tail_c.data(), sp.tail_mask.data(), sp.xtail.data(),
+                       sp.tail_c.size(), a.cbuf + a.tail_lane);
+        } else if (tail) {
+          run_tail_tile(J, R, a, wd.sep3x3, c0 == 0);
+        } else {
+          run_tile(J, R, a, wpack != nullptr, unroll3x3, c0 == 0);
+        }
       }
     }
   }
@@ -938,8 +963,32 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     // sample rather than once a work item: batch 1 splits a sample's kept
     // output channels into up to 8 items. A/B old/new at batch 1: 256x7x7
     // 1.05-1.06, 512x7x7 1.006-1.011, ResNet-18 1.00.
-    sp.xtail.resize(wide && wd.tail ? kin * kLanes : 0);
-    if (wide && wd.tail)
+    // 1x1 kernels: the tail pixel by windows of 16 channels holding a kept
+    // one (tail_dot), where those cost fewer FMAs than the fourth vector of
+    // pixels they save (kin a row); each window reads its row lines too.
+    sp.tail_c.clear();
+    sp.tail_mask.clear();
+    if (wide && wd.tail && taps == 1) {
+      for (int64_t i = 0; i < kin; ++i) {
+        const int64_t c = sp.in_ch[i] / kLanes * kLanes;
+        if (sp.tail_c.empty() || sp.tail_c.back() != c) {
+          sp.tail_c.push_back(c);
+          sp.tail_mask.push_back(0);
+        }
+        sp.tail_mask.back() |= static_cast<uint16_t>(1u << (sp.in_ch[i] - c));
+      }
+      const int64_t windows = sp.tail_c.size();
+      const bool pays = 2 * windows + 8 <= kin;
+      sp.xtail.assign(pays ? windows * kLanes : 0, 0.f);
+      for (int64_t i = 0, w = 0; pays && i < kin; ++i) {
+        while (sp.tail_c[w] + kLanes <= sp.in_ch[i]) ++w;
+        sp.xtail[w * kLanes + sp.in_ch[i] - sp.tail_c[w]] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
+      }
+      if (!pays) sp.tail_c.clear();
+    } else {
+      sp.xtail.resize(wide && wd.tail ? kin * kLanes : 0);
+    }
+    if (wide && wd.tail && taps > 1)
       for (int64_t i = 0; i < kin; ++i) {
         const float* xi = sp.xs[i] + (wd.Q - 1);
         for (int64_t t = 0; t < kLanes; ++t)
@@ -978,7 +1027,11 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     plans[n].in_off.reserve(Cin);
     plans[n].out_kept.reserve(Cout);
     plans[n].bias_kept.reserve(k);
-    if (wd.tail) plans[n].xtail.reserve(Cin * kLanes);
+    if (wd.tail) plans[n].xtail.reserve(taps == 1 ? Cin + kLanes : Cin * kLanes);
+    if (wd.tail && taps == 1) {
+      plans[n].tail_c.reserve(Cin / kLanes + 1);
+      plans[n].tail_mask.reserve(Cin / kLanes + 1);
+    }
   }
   // Samples run whole on one thread put output channels, not pixels, in the
   // vector lanes where that fills more of them: small maps (cout_vector.cpp).

@@ -369,6 +369,42 @@ def test_1x1_reads_input_in_place(n, size):
     assert_matches_reference(y, case)
 
 
+TAIL_1X1_GEOMETRIES = [  # 1x1 kernels whose output has 16m + 1 positions
+    # (h, w, stride, padding): the last pixel is a dot product over channel windows
+    (7, 7, 1, 0), (14, 14, 2, 0), (13, 13, 2, 0), (5, 5, 1, 1), (1, 17, 1, 0), (3, 11, 1, 0),
+]
+
+
+@pytest.mark.parametrize("h,w,stride,padding", TAIL_1X1_GEOMETRIES)
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("kin", [5, 60, 90])
+def test_1x1_tail_pixel_matches_reference(h, w, stride, padding, n, kin):
+    """1x1 maps of 16m + 1 outputs compute m vectors and the last pixel as a
+    masked dot product over windows of 16 input channels (where the kept
+    inputs fill enough of them; kin=5 does not). 90 channels: the last window
+    is partial, and the last weight row is kept. Channels outside in_idx are
+    NaN: the windows' masked lanes must not read them. Poisoned output."""
+    g = torch.Generator().manual_seed(h * 1000 + w * 10 + n + kin)
+    cin, cout, k = 90, 21, 13
+    x = torch.randn(n, cin, h, w, generator=g)
+    in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:kin]).values
+                          for _ in range(n)])
+    outside = torch.ones(n, cin, dtype=torch.bool).scatter_(1, in_idx, False)
+    x[outside] = float("nan")
+    weight = torch.randn(cout, cin, 1, 1, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.cat([torch.sort(torch.randperm(cout - 1, generator=g)[:k - 1]).values,
+                                 torch.tensor([cout - 1])]) for _ in range(n)])
+    s = torch.rand(n, k, generator=g) - 0.3
+    case = Case(x, weight, bias, oi, s, in_idx, (stride, stride), (padding, padding), (1, 1), True)
+    ref = dynprune.gated_conv2d_reference(*case.double_args())
+    out = torch.full(ref.shape, float("nan"))
+    with torch_threads(2):
+        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
+    assert out.shape[-2] * out.shape[-1] % 16 == 1
+    assert_matches_reference(out, case)
+
+
 def test_out_variant_may_share_memory_with_x():
     """out=x: the kernel reads x while writing y (a 1x1 conv reads it in place),
     so such an out goes through a temporary; the result is the reference's."""
