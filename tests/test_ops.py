@@ -848,9 +848,32 @@ def assert_dynamic_matches_reference(x, args, threads):
     with torch_threads(threads):
         y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
     ry, ridx, _ = dynamic_conv2d_reference(
-        x.double(), *(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args))
     assert torch.equal(idx, ridx)
     assert max_rel_err(y, ry) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("with_in_idx", [False, True])
+@pytest.mark.parametrize("cout", [256, 301])
+def test_small_input_large_gate_splits_its_rows(threads, with_in_idx, cout):
+    """Batch 1, a small input and a large gate: the calling thread scans while
+    the others load their share of the gate rows, then all compute uneven
+    row shares (cout 301: the blocks of 3 do not split evenly)."""
+    g = torch.Generator().manual_seed(cout + threads)
+    cin = 256
+    x = torch.randn(1, cin, 5, 5, generator=g)
+    x[:, torch.randperm(cin, generator=g)[:100]] = 0
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    b = torch.randn(cout, generator=g)
+    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
+    prio = torch.rand(cout, generator=g)
+    in_idx = None
+    if with_in_idx:
+        in_idx = torch.sort(torch.randperm(cin, generator=g)[:120]).values[None]
+    args = (w, b, gw, gb, prio, cout // 2, in_idx, [1, 1], [1, 1], [1, 1], True)
+    assert_dynamic_matches_reference(x, args, threads)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
