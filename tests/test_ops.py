@@ -815,16 +815,11 @@ def test_batched_gate_matches_reference(n, with_in_idx, size):
     at most 8 x cout (5x5), else sample by sample (14x14): same channels,
     scales and outputs as the reference, for ragged row, sample and input
     counts (cout 20 = 6 blocks of 3 + 2; cin 19 = 2 x 8 + 3)."""
-    from dynprune.ops import dynamic_conv2d_reference
-
     g = torch.Generator().manual_seed(n)
     cin, cout, k = 19, 20, 9
     x = torch.randn(n, cin, size, size, generator=g)  # 8 * cout = 160: 25 batched, 196 not
     x[:, 3] = 0
-    w = torch.randn(cout, cin, 3, 3, generator=g)
-    b = torch.randn(cout, generator=g)
-    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
-    prio = torch.rand(cout, generator=g)
+    w, b, gw, gb, prio = random_gated_layer(g, cin, cout, 3)
     in_idx = None
     if with_in_idx:
         in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:11]).values
@@ -832,24 +827,35 @@ def test_batched_gate_matches_reference(n, with_in_idx, size):
     args = (w, b, gw, gb, prio, k, in_idx, [1, 1], [1, 1], [1, 1], True)
     with torch_threads(2):
         y, idx, scale = torch.ops.dynprune.dynamic_conv2d(x, *args)
-    ry, ridx, rscale = dynamic_conv2d_reference(
-        x.double(), *(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                      for a in args))
+    ry, ridx, rscale = dynamic_reference_f64(x, args)
     assert torch.equal(idx, ridx)
     assert max_rel_err(scale, rscale) < 1e-6
     assert max_rel_err(y, ry) < 1e-5
 
 
+def random_gated_layer(g, cin, cout, kernel):
+    """Conv weight and bias, gate weight and bias, and priority of a random layer."""
+    w = torch.randn(cout, cin, kernel, kernel, generator=g)
+    b = torch.randn(cout, generator=g)
+    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
+    return w, b, gw, gb, torch.rand(cout, generator=g)
+
+
+def dynamic_reference_f64(x, args):
+    """dynamic_conv2d_reference on float64 copies of x and of args' float tensors."""
+    from dynprune.ops import dynamic_conv2d_reference
+
+    return dynamic_conv2d_reference(
+        x.double(), *(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args))
+
+
 def assert_dynamic_matches_reference(x, args, threads):
     """dynamic_conv2d on `threads` threads picks the reference's channels and
     matches its float64 output."""
-    from dynprune.ops import dynamic_conv2d_reference
-
     with torch_threads(threads):
         y, idx, _ = torch.ops.dynprune.dynamic_conv2d(x, *args)
-    ry, ridx, _ = dynamic_conv2d_reference(
-        x.double(), *(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                      for a in args))
+    ry, ridx, _ = dynamic_reference_f64(x, args)
     assert torch.equal(idx, ridx)
     assert max_rel_err(y, ry) < 1e-5
 
@@ -865,10 +871,7 @@ def test_small_input_large_gate_splits_its_rows(threads, with_in_idx, cout):
     cin = 256
     x = torch.randn(1, cin, 5, 5, generator=g)
     x[:, torch.randperm(cin, generator=g)[:100]] = 0
-    w = torch.randn(cout, cin, 3, 3, generator=g)
-    b = torch.randn(cout, generator=g)
-    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
-    prio = torch.rand(cout, generator=g)
+    w, b, gw, gb, prio = random_gated_layer(g, cin, cout, 3)
     in_idx = None
     if with_in_idx:
         in_idx = torch.sort(torch.randperm(cin, generator=g)[:120]).values[None]
@@ -896,10 +899,7 @@ def test_samples_on_one_thread_reuse_its_copies(threads, cin, cout, k, size, ker
     x = torch.randn(n, cin, size, size, generator=g)
     for s in range(n):
         x[s, torch.randperm(cin, generator=g)[: cin // 3]] = 0
-    w = torch.randn(cout, cin, kernel, kernel, generator=g)
-    b = torch.randn(cout, generator=g)
-    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
-    prio = torch.rand(cout, generator=g)
+    w, b, gw, gb, prio = random_gated_layer(g, cin, cout, kernel)
     pad = kernel // 2
     args = (w, b, gw, gb, prio, k, None, [stride] * 2, [pad] * 2, [1, 1], True)
     assert_dynamic_matches_reference(x, args, threads)
@@ -917,10 +917,7 @@ def test_batch_one_schedules_match_reference(threads, cin, cout, k, size):
     g = torch.Generator().manual_seed(cin + size)
     x = torch.randn(1, cin, size, size, generator=g)
     x[:, 1] = 0
-    w = torch.randn(cout, cin, 3, 3, generator=g)
-    b = torch.randn(cout, generator=g)
-    gw, gb = torch.randn(cout, cin, generator=g), torch.rand(cout, generator=g)
-    prio = torch.rand(cout, generator=g)
+    w, b, gw, gb, prio = random_gated_layer(g, cin, cout, 3)
     args = (w, b, gw, gb, prio, k, None, [1, 1], [1, 1], [1, 1], True)
     assert_dynamic_matches_reference(x, args, threads)
 
