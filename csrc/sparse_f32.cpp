@@ -977,12 +977,20 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     // sample rather than once a work item: batch 1 splits a sample's kept
     // output channels into up to 8 items. A/B old/new at batch 1: 256x7x7
     // 1.05-1.06, 512x7x7 1.006-1.011, ResNet-18 1.00.
+    const bool tail_taps = wide && wd.tail && taps > 1, tail_1x1 = wide && wd.tail && taps == 1;
+    sp.xtail.resize(tail_taps ? kin * kLanes : 0);
+    if (tail_taps)
+      for (int64_t i = 0; i < kin; ++i) {
+        const float* xi = sp.xs[i] + (wd.Q - 1);
+        for (int64_t t = 0; t < kLanes; ++t)
+          sp.xtail[i * kLanes + t] = t < taps ? xi[wd.tap_off[t]] : 0.f;
+      }
     // 1x1 kernels: the tail pixel by windows of 16 channels holding a kept
     // one (tail_dot), where those cost fewer FMAs than the fourth vector of
     // pixels they save (kin a row); each window reads its row lines too.
     sp.tail_c.clear();
     sp.tail_mask.clear();
-    if (wide && wd.tail && taps == 1) {
+    if (tail_1x1) {
       for (int64_t i = 0; i < kin; ++i) {
         const int64_t c = sp.in_ch[i] / kLanes * kLanes;
         if (sp.tail_c.empty() || sp.tail_c.back() != c) {
@@ -999,15 +1007,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         sp.xtail[w * kLanes + sp.in_ch[i] - sp.tail_c[w]] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
       }
       if (!pays) sp.tail_c.clear();
-    } else {
-      sp.xtail.resize(wide && wd.tail ? kin * kLanes : 0);
     }
-    if (wide && wd.tail && taps > 1)
-      for (int64_t i = 0; i < kin; ++i) {
-        const float* xi = sp.xs[i] + (wd.Q - 1);
-        for (int64_t t = 0; t < kLanes; ++t)
-          sp.xtail[i * kLanes + t] = t < taps ? xi[wd.tap_off[t]] : 0.f;
-      }
     sp.out_kept.assign(Cout, 0);
     sp.bias_kept.resize(k);
     for (int64_t j = 0; j < k; ++j) {
