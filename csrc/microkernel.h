@@ -227,23 +227,22 @@ DYNPRUNE_TILE_FN void tile_jr(int J, int R, const TileArgs& a, bool first) {
   }
 }
 
-// 1x1 tiles ahead of tail_dot (one chunk: they start from zero): R in
-// [1, 3] vectors, J in [1, kJBlockTail1x1].
+// 1x1 tiles ahead of tail_dot: R in [1, 3] vectors, J in [1, kJBlockTail1x1].
 constexpr int kJBlockTail1x1 = 8;
 template <int R>
-DYNPRUNE_TILE_FN void tile_1x1_j(int J, const TileArgs& a) {
+DYNPRUNE_TILE_FN void tile_1x1_j(int J, const TileArgs& a, bool first) {
   switch (J) {
-    case 8: tile<8, R, false, false>(a, true); break;
-    case 7: tile<7, R, false, false>(a, true); break;
-    default: tile_j<R, false, false>(J, a, true); break;
+    case 8: tile<8, R, false, false>(a, first); break;
+    case 7: tile<7, R, false, false>(a, first); break;
+    default: tile_j<R, false, false>(J, a, first); break;
   }
 }
 
-DYNPRUNE_TILE_FN void run_1x1_tail_tile(int J, int R, const TileArgs& a) {
+DYNPRUNE_TILE_FN void run_1x1_tail_tile(int J, int R, const TileArgs& a, bool first) {
   switch (R) {
-    case 3: tile_1x1_j<3>(J, a); break;
-    case 2: tile_1x1_j<2>(J, a); break;
-    default: tile_1x1_j<1>(J, a); break;
+    case 3: tile_1x1_j<3>(J, a, first); break;
+    case 2: tile_1x1_j<2>(J, a, first); break;
+    default: tile_1x1_j<1>(J, a, first); break;
   }
 }
 

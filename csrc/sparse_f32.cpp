@@ -57,7 +57,7 @@ struct Wide {
   bool sep3x3;                    // 3x3 taps at r * row_step + s * col_step (stride 1)
   int64_t row_step, col_step;
   bool shifted;                   // the column-shifted layout below
-  bool tail;                      // last pixel by the tail (has_tail), where allowed
+  bool tail;                      // last pixel by the tail (tail_fits: has_tail, or 1x1)
   std::vector<uint16_t> shift_masks;  // shifted: per copy s, per 16 pixels of the
                                       // plane, the lanes whose source column exists
 };
@@ -578,7 +578,7 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
         const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - a.q0) - (tail ? 1 : 0);
         const int R = static_cast<int>((nq + kLanes - 1) / kLanes);
         if (tail_1x1) {  // one chunk (wd.Q <= kQBlock): the dot once, after it
-          run_1x1_tail_tile(J, R, a);
+          run_1x1_tail_tile(J, R, a, c0 == 0);
           run_tail_dot(J, wrows, sp.tail_c.data(), sp.tail_mask.data(), sp.xtail.data(),
                        sp.tail_c.size(), a.cbuf + a.tail_lane);
         } else if (tail) {
@@ -744,10 +744,11 @@ void gate_rows(const float* gw, const float* gb, const double* means, int64_t N,
 // not a chain of float adds), and the empty asm keeps the compiler from
 // dropping them.
 void warm_lines(const float* p, const float* end) {
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
   uint32_t any = 0;
-  for (; p < end; p += 64 / sizeof(float)) {
+  for (int64_t i = 0; i < end - p; i += kLineFloats) {
     uint32_t u;
-    std::memcpy(&u, p, sizeof u);
+    std::memcpy(&u, p + i, sizeof u);
     any |= u;
   }
   asm volatile("" : : "r"(any));
@@ -1110,7 +1111,8 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   if (serial_setup) {
     const bool gate_threads = T > 1 && N * Cout * Cin >= kParallelGateMacs;
     if (gate && gate_threads) {
-      // The other threads would idle while this one scans: each loads its
+      // (Batch 1, or a few samples on small maps.) The other threads would
+      // idle while this one scans: each loads its
       // share of the gate rows into its cache meanwhile (the weight is out
       // of cache after other layers), and takes 3 shares to this thread's 1,
       // which reads its rows from memory. A/B at batch 1, old/new time:

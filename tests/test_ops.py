@@ -405,6 +405,31 @@ def test_1x1_tail_pixel_matches_reference(h, w, stride, padding, n, kin):
     assert_matches_reference(out, case)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_1x1_tail_pixel_with_an_empty_sample_and_wide_tiles(n):
+    """1x1 on 7x7, inputs found by the scan, in tiles of up to 8 kept rows:
+    batch 4 runs each sample whole (k = 23 = 8 + 8 + 7), batches 1 and 3
+    split the kept rows into parts first (6 a part; 12 = 8 + 4). In batches
+    3 and 4 sample 1 is all zero (no kept input: no windows, accumulators
+    zero-filled)."""
+    g = torch.Generator().manual_seed(n)
+    cin, cout, k = 64, 40, 23
+    x = torch.randn(n, cin, 7, 7, generator=g)
+    for s in range(n):
+        x[s, torch.randperm(cin, generator=g)[:20]] = 0
+    if n > 1:
+        x[1] = 0
+    weight = torch.randn(cout, cin, 1, 1, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
+    case = Case(x, weight, bias, oi, torch.rand(n, k, generator=g), None, (1, 1), (0, 0), (1, 1),
+                False)
+    out = torch.full((n, cout, 7, 7), float("nan"))
+    with torch_threads(2):
+        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
+    assert_matches_reference(out, case)
+
+
 def test_out_variant_may_share_memory_with_x():
     """out=x: the kernel reads x while writing y (a 1x1 conv reads it in place),
     so such an out goes through a temporary; the result is the reference's."""
