@@ -1066,11 +1066,16 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // tile's weights reused across the panel from L1 (A/B at batch 16, panels
   // of 4 vs 1: 1-4% faster on six ResNet-18/VGG-16 layers).
   const int64_t panel = per_sample ? kPanelBlocks : 1;
-  // The unrolled 3x3 tile (microkernel.h) where it measured faster (A/B,
-  // interleaved, 3 runs): 2-7% on 256x14x14 and 512x7x7 at batch 1, 0-5% with
-  // packed weights at batch 16; but 1-9% slower with row-pointer weights at
-  // batch 16 (256x14x14, 512x7x7, 128x16x16), where the tap loop stays.
-  const bool unroll3x3 = wd.sep3x3 && (pack || !per_sample);
+  // The unrolled 3x3 tile (microkernel.h) wherever the taps allow it. It
+  // measured 2-7% faster on 256x14x14 and 512x7x7 at batch 1 and 0-5% with
+  // packed weights at batch 16, but 1-9% slower with row-pointer weights at
+  // batch 16 (an earlier session), so those kept the tap loop until session 14
+  // re-measured them on the shifted layout and single-chunk maps (A/B,
+  // old/new time, batch 16): 512x4x4 1.15-1.18 (1.20 at keep 0.7), 256x8x8
+  // 1.03-1.05, 160x12x12 1.06-1.08, 48x10x10 1.08, 384x13x13 1.03, VGG-16
+  // 1.066, ResNet-20 1.02. (perf on 512x4x4: the tap loop kept its six row
+  // pointers in vector registers, a vmovq before each broadcast FMA.)
+  const bool unroll3x3 = wd.sep3x3;
   const int64_t cbuf_floats = !compute ? 0
                               : cout_vec ? cout_acc_floats(g, k)
                               : cout_items ? cout_acc_floats(g, 1)  // one tile
