@@ -989,25 +989,24 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     // 1x1 kernels: the tail pixel by windows of 16 channels holding a kept
     // one (tail_dot), where those cost fewer FMAs than the fourth vector of
     // pixels they save (kin a row); each window reads its row lines too.
+    // Within the reserved capacity: no allocation here.
     sp.tail_c.clear();
     sp.tail_mask.clear();
     if (tail_1x1) {
       for (int64_t i = 0; i < kin; ++i) {
-        const int64_t c = sp.in_ch[i] / kLanes * kLanes;
-        if (sp.tail_c.empty() || sp.tail_c.back() != c) {
+        const int64_t c = sp.in_ch[i] / kLanes * kLanes, lane = sp.in_ch[i] - c;
+        if (sp.tail_c.empty() || sp.tail_c.back() != c) {  // a new window
           sp.tail_c.push_back(c);
           sp.tail_mask.push_back(0);
+          sp.xtail.resize(sp.xtail.size() + kLanes, 0.f);
         }
-        sp.tail_mask.back() |= static_cast<uint16_t>(1u << (sp.in_ch[i] - c));
+        sp.tail_mask.back() |= static_cast<uint16_t>(1u << lane);
+        sp.xtail[sp.xtail.size() - kLanes + lane] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
       }
-      const int64_t windows = sp.tail_c.size();
-      const bool pays = 2 * windows + 8 <= kin;
-      sp.xtail.assign(pays ? windows * kLanes : 0, 0.f);
-      for (int64_t i = 0, w = 0; pays && i < kin; ++i) {
-        while (sp.tail_c[w] + kLanes <= sp.in_ch[i]) ++w;
-        sp.xtail[w * kLanes + sp.in_ch[i] - sp.tail_c[w]] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
+      if (2 * static_cast<int64_t>(sp.tail_c.size()) + 8 > kin) {  // does not pay
+        sp.tail_c.clear();
+        sp.xtail.clear();
       }
-      if (!pays) sp.tail_c.clear();
     }
     sp.out_kept.assign(Cout, 0);
     sp.bias_kept.resize(k);
@@ -1117,10 +1116,10 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     const bool gate_threads = T > 1 && N * Cout * Cin >= kParallelGateMacs;
     if (gate && gate_threads) {
       // (Batch 1, or a few samples on small maps.) The other threads would
-      // idle while this one scans: each loads its
-      // share of the gate rows into its cache meanwhile (the weight is out
-      // of cache after other layers), and takes 3 shares to this thread's 1,
-      // which reads its rows from memory. A/B at batch 1, old/new time:
+      // idle while this one scans: each loads its share of the gate rows
+      // into its cache meanwhile (the weight is out of cache after other
+      // layers), and takes 3 shares to this thread's 1, which reads its rows
+      // from memory. A/B at batch 1, old/new time:
       // 512x7x7 1.057-1.065, 512x4x4 1.063-1.105, 512x7x7 1x1 1.014-1.074,
       // ResNet-18 1.012 (both reductions); 2 shares each 1.04-1.08, 4 shares
       // 0.95-1.12, 8 or all of them 0.90-1.03.

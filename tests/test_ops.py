@@ -369,6 +369,15 @@ def test_1x1_reads_input_in_place(n, size):
     assert_matches_reference(y, case)
 
 
+def assert_poisoned_out_matches_reference(case: Case, shape, threads: int = 2):
+    """gated_conv2d.out into a NaN-filled buffer of `shape` on `threads` threads:
+    every element written, and the reference result."""
+    out = torch.full(shape, float("nan"))
+    with torch_threads(threads):
+        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
+    assert_matches_reference(out, case)
+
+
 TAIL_1X1_GEOMETRIES = [  # 1x1 kernels whose output has 16m + 1 positions
     # (h, w, stride, padding): the last pixel is a dot product over channel windows
     (7, 7, 1, 0), (14, 14, 2, 0), (13, 13, 2, 0), (5, 5, 1, 1), (1, 17, 1, 0), (3, 11, 1, 0),
@@ -397,12 +406,9 @@ def test_1x1_tail_pixel_matches_reference(h, w, stride, padding, n, kin):
                                  torch.tensor([cout - 1])]) for _ in range(n)])
     s = torch.rand(n, k, generator=g) - 0.3
     case = Case(x, weight, bias, oi, s, in_idx, (stride, stride), (padding, padding), (1, 1), True)
-    ref = dynprune.gated_conv2d_reference(*case.double_args())
-    out = torch.full(ref.shape, float("nan"))
-    with torch_threads(2):
-        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
-    assert out.shape[-2] * out.shape[-1] % 16 == 1
-    assert_matches_reference(out, case)
+    ho, wo = (_out_size(d, padding, 1, 1, stride) for d in (h, w))
+    assert ho * wo % 16 == 1
+    assert_poisoned_out_matches_reference(case, (n, cout, ho, wo))
 
 
 @pytest.mark.parametrize("n", [1, 3, 4])
@@ -424,10 +430,7 @@ def test_1x1_tail_pixel_with_an_empty_sample_and_wide_tiles(n):
     oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
     case = Case(x, weight, bias, oi, torch.rand(n, k, generator=g), None, (1, 1), (0, 0), (1, 1),
                 False)
-    out = torch.full((n, cout, 7, 7), float("nan"))
-    with torch_threads(2):
-        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
-    assert_matches_reference(out, case)
+    assert_poisoned_out_matches_reference(case, (n, cout, 7, 7))
 
 
 def test_out_variant_may_share_memory_with_x():
