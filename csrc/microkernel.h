@@ -90,11 +90,12 @@ struct TileArgs {
 // (row pointers only) also computes the block's tail pixel, with its taps in
 // the lanes: per input channel one masked load of each row's taps times the
 // pixel's tap inputs (xtail), summed into cbuf[j][tail_lane] at the end.
-// (7x7: 3 vectors and the tail, 28 FMAs per row and channel instead of 36.)
+// (7x7: 3 vectors and the tail, 28 FMAs per row and channel instead of 36;
+// a one-pixel map: R = 0, the tail alone, 1 FMA instead of 9.)
 template <int J, int R, bool kPacked, bool k3x3, bool kTail = false>
 DYNPRUNE_TILE_FN void tile(const TileArgs& a, bool first) {
   float* __restrict cbuf = a.cbuf;
-  v16 acc[J][R];
+  v16 acc[J][R > 0 ? R : 1];  // R = 0: a map of one pixel, the tail alone
   v16 tacc[kTail ? J : 1];
   if (kTail)
     for (int j = 0; j < J; ++j) tacc[j] = v16{};
@@ -124,7 +125,7 @@ DYNPRUNE_TILE_FN void tile(const TileArgs& a, bool first) {
     }
     auto weight = [&](int j, int64_t t) { return kPacked ? wpk[t * J + j] : w[j][t]; };
     auto step = [&](const float* xp, int64_t t) {
-      v16 xv[R];
+      v16 xv[R > 0 ? R : 1];
       for (int r = 0; r < R; ++r) xv[r] = *reinterpret_cast<const v16u*>(xp + r * kLanes);
       for (int j = 0; j < J; ++j) {
         const float s = weight(j, t);
@@ -227,7 +228,7 @@ DYNPRUNE_TILE_FN void tile_jr(int J, int R, const TileArgs& a, bool first) {
   }
 }
 
-// 1x1 tiles ahead of tail_dot: R in [1, 3] vectors, J in [1, kJBlockTail1x1].
+// 1x1 tiles ahead of tail_dot: R in [0, 3] vectors, J in [1, kJBlockTail1x1].
 constexpr int kJBlockTail1x1 = 8;
 template <int R>
 DYNPRUNE_TILE_FN void tile_1x1_j(int J, const TileArgs& a, bool first) {
@@ -242,18 +243,20 @@ DYNPRUNE_TILE_FN void run_1x1_tail_tile(int J, int R, const TileArgs& a, bool fi
   switch (R) {
     case 3: tile_1x1_j<3>(J, a, first); break;
     case 2: tile_1x1_j<2>(J, a, first); break;
-    default: tile_1x1_j<1>(J, a, first); break;
+    case 1: tile_1x1_j<1>(J, a, first); break;
+    default: break;  // a map of one pixel: tail_dot alone
   }
 }
 
 // Row-pointer tiles whose block ends with a tail pixel (see has_tail in
-// sparse_f32.cpp): R vectors of pixels, then the tail. R in [1, 3].
+// sparse_f32.cpp): R vectors of pixels, then the tail. R in [0, 3].
 template <bool k3x3>
 DYNPRUNE_TILE_FN void tail_tile_jr(int J, int R, const TileArgs& a, bool first) {
   switch (R) {
     case 3: tile_j<3, false, k3x3, true>(J, a, first); break;
     case 2: tile_j<2, false, k3x3, true>(J, a, first); break;
-    default: tile_j<1, false, k3x3, true>(J, a, first); break;
+    case 1: tile_j<1, false, k3x3, true>(J, a, first); break;
+    default: tile_j<0, false, k3x3, true>(J, a, first); break;  // one pixel: the tail alone
   }
 }
 

@@ -381,6 +381,8 @@ def assert_poisoned_out_matches_reference(case: Case, shape, threads: int = 2):
 TAIL_1X1_GEOMETRIES = [  # 1x1 kernels whose output has 16m + 1 positions
     # (h, w, stride, padding): the last pixel is a dot product over channel windows
     (7, 7, 1, 0), (14, 14, 2, 0), (13, 13, 2, 0), (5, 5, 1, 1), (1, 17, 1, 0), (3, 11, 1, 0),
+    # one output pixel: the dot product alone (no pixel vector)
+    (1, 1, 1, 0), (2, 2, 2, 0), (1, 2, 2, 0),
 ]
 
 
@@ -484,6 +486,10 @@ SHIFTED_GEOMETRIES = [  # stride 1, Wo == W, at most 64 output pixels: the shift
     (3, 3, (2, 2), (2, 2), 7, 7),
     (3, 3, (1, 1), (1, 1), 3, 11),
     (1, 3, (0, 1), (1, 1), 1, 17),
+    # one output pixel: the tail alone, its valid taps the centre ones
+    (3, 3, (1, 1), (1, 1), 1, 1),
+    (3, 3, (2, 2), (2, 2), 1, 1),
+    (1, 3, (0, 1), (1, 1), 1, 1),
 ]
 
 
