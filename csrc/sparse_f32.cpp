@@ -57,6 +57,7 @@ struct Wide {
   bool sep3x3;                    // 3x3 taps at r * row_step + s * col_step (stride 1)
   int64_t row_step, col_step;
   bool shifted;                   // the column-shifted layout below
+  bool tap_copies;                // the tap-copy layout below (strided small maps)
   bool tail;                      // last pixel by the tail (tail_fits: has_tail, or 1x1)
   std::vector<uint16_t> shift_masks;  // shifted: per copy s, per 16 pixels of the
                                       // plane, the lanes whose source column exists
@@ -100,10 +101,54 @@ bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
   return (q <= kQBlock || multi_block) && tight * 10 <= padded * 9;
 }
 
+// Outputs of at most one block that the shifted layout does not cover
+// (stride 2, or a width the padding does not keep) can take a "tap-copy"
+// layout: per kept channel and tap, the Ho x Wo inputs that tap reads, as one
+// run of floats. Wide positions are the output pixels (no junk columns),
+// tap t reads its copy at t * run, and 3x3 kernels keep the unrolled tile
+// (row_step = 3 runs, col_step = 1 run). A 4x4 output from 7x7 at stride 2
+// fills 16 of 16 lanes instead of 16 of 32; 7x7 from 14x14 takes 3 vectors
+// and the tail instead of 4. Used where it saves at least 10% of the vectors
+// (the copies hold taps x the output per channel, the padded phases about 4x
+// the output). A/B, old/new time: 512->512 3x3 stride 2 on 7x7 1.52-1.61
+// (batch 16), 1.30-1.32 (batch 1); 256->512 on 14x14 1.07-1.15 and
+// 1.08-1.11, with every input kept and keep 0.637 (ResNet-18's layer4.0.conv1)
+// 1.13-1.14 and 1.11; 512->512 on 14x14 1.045 (batch 1); small layers
+// (32->64 on 16x16, 128->256 on 14x14, 64->128 on 8x8 at batch 1) 0.97-1.02;
+// ResNet-20 and ResNet-56 at batch 1 0.985-1.00, ResNet-18 1.00-1.03.
+bool use_tap_copies(const Geometry& g, bool tail_ok) {
+  const int64_t taps = g.kh * g.kw, q = g.Ho * g.Wo;
+  if (taps < 2 || q > kQBlock || q == 0) return false;
+  const int64_t Wph = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
+  auto vectors = [](int64_t n) {  // 16-lane vectors the register tiles sweep
+    return n / kQBlock * (kQBlock / kLanes) + (n % kQBlock + kLanes - 1) / kLanes;
+  };
+  const int64_t tight = vectors(q) - (tail_ok && tail_fits(q, taps) ? 1 : 0);
+  return tight * 10 <= vectors(g.Ho * Wph) * 9;
+}
+
 Wide make_wide(const Geometry& g, bool tail_ok, bool multi_block) {
   Wide w;
   w.shifted = use_shifted(g, tail_ok, multi_block);
+  w.tap_copies = !w.shifted && use_tap_copies(g, tail_ok);
   w.tail = false;
+  if (w.tap_copies) {
+    const int64_t taps = g.kh * g.kw;
+    w.Hph = g.Ho;
+    w.Wph = g.Wo;  // wide position q = oh * Wo + ow: every one valid
+    w.Q = g.Ho * g.Wo;
+    w.qblocks = 1;
+    const int64_t run = (w.Q + kLanes - 1) / kLanes * kLanes;  // a copy, padded to vectors
+    w.chan = taps * run;
+    for (int64_t t = 0; t < taps; ++t) w.tap_off.push_back(t * run);
+    w.row_step = g.kw * run;
+    w.col_step = run;
+    w.sep3x3 = g.kh == 3 && g.kw == 3;
+    w.tail = tail_ok && tail_fits(w.Q, taps);
+    w.phase_used.assign(1, 1);
+    w.len_extra = 1;
+    return w;
+  }
   if (w.shifted) {
     w.tail = tail_ok && has_tail(g);
     w.Hph = g.H + 2 * g.ph;
@@ -220,6 +265,38 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
       for (int64_t b = b_hi; b < g.W; ++b) d[b] = 0.f;
     }
   }
+}
+
+// Copies one H x W input plane into its tap-copy slot (see use_tap_copies):
+// copy t = (r, s) holds, at oh * Wo + ow, the input pixel tap t reads for
+// output (oh, ow), or 0 in the padding; lanes past Ho * Wo are 0. The valid
+// columns of a copy are one range [lo, hi): no test per pixel.
+__attribute__((target_clones("arch=x86-64-v4", "default"),
+               optimize("no-tree-loop-distribute-patterns")))
+void fill_tap_copies(const float* src, const Geometry& g, const Wide& w, float* dst) {
+  const int64_t run = w.tap_off.size() > 1 ? w.tap_off[1] : w.chan;
+  auto first_valid = [](int64_t c0, int64_t step) {  // least o >= 0 with c0 + o * step >= 0
+    return c0 >= 0 ? 0 : (-c0 + step - 1) / step;
+  };
+  for (int64_t r = 0; r < g.kh; ++r)
+    for (int64_t s = 0; s < g.kw; ++s) {
+      float* d = dst + (r * g.kw + s) * run;
+      const int64_t c0 = s * g.dw - g.pw;  // input column of output column 0
+      const int64_t lo = std::min(g.Wo, first_valid(c0, g.sw));
+      const int64_t hi = std::max(lo, std::min(g.Wo, c0 >= g.W ? 0 : (g.W - 1 - c0) / g.sw + 1));
+      for (int64_t oh = 0; oh < g.Ho; ++oh, d += g.Wo) {
+        const int64_t ih = oh * g.sh + r * g.dh - g.ph;
+        if (ih < 0 || ih >= g.H) {
+          for (int64_t ow = 0; ow < g.Wo; ++ow) d[ow] = 0.f;
+          continue;
+        }
+        const float* row = src + ih * g.W + c0;
+        for (int64_t ow = 0; ow < lo; ++ow) d[ow] = 0.f;
+        for (int64_t ow = lo; ow < hi; ++ow) d[ow] = row[ow * g.sw];
+        for (int64_t ow = hi; ow < g.Wo; ++ow) d[ow] = 0.f;
+      }
+      for (int64_t q = g.Ho * g.Wo; q < run; ++q) d[q - g.Ho * g.Wo] = 0.f;
+    }
 }
 
 // fill_shifted_channel in vectors: each copy's rows are contiguous, so copy s
@@ -627,7 +704,7 @@ void compute_blocks(const float* weight, const float* wpack, bool unroll3x3, con
   // A/B old/new: 512x2x2 1.19-1.45 (batch 1), 1.70-2.15 (batch 16); VGG-16
   // 1.06 (batch 1), 1.20 (batch 16). Its pixel table assumes the padded 4x4
   // wide grid (use_shifted never picks 2x2 maps: no vector to save).
-  if (has_avx512() && !wpack && is_conv3x3_on_2x2(g) && !wd.shifted) {
+  if (has_avx512() && !wpack && is_conv3x3_on_2x2(g) && !wd.shifted && !wd.tap_copies) {
     pairs_2x2_avx512(weight, g, sp, out_ch, scale, j0, j1, relu, y_n);
     return;
   }
@@ -835,7 +912,8 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     // 1 48x10x10 0.85, 96x20x20 0.93 (three copies per plane, on one thread).
     const bool cout_padded = has_avx512() &&
         cout_vector_pays(g, k, static_cast<double>(Qout) / (padded.qblocks * kQBlock));
-    if (!per_sample || g.kw > 3 || cout_padded || padded.shifted) return padded;
+    if (!per_sample || g.kw > 3 || cout_padded || padded.shifted || padded.tap_copies)
+      return padded;
     return make_wide(g, has_avx512(), true);
   }();
 
@@ -936,7 +1014,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (!wide || !listed[t] || in_place(t)) return;
     const float* src = xp + t * plane;
     float* dst = slot(t, worker);
-    if (wd.shifted && vec_fill) {
+    if (wd.tap_copies) {
+      fill_tap_copies(src, g, wd, dst);
+    } else if (wd.shifted && vec_fill) {
       fill_shifted_avx512(src, g, wd, dst);
     } else if (wd.shifted) {
       fill_shifted_channel(src, g, wd, dst);

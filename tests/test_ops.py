@@ -518,6 +518,50 @@ def test_shifted_layout_matches_reference(kh, kw, padding, dilation, h, w, n, ex
     assert_matches_reference(y, case)
 
 
+TAP_COPY_GEOMETRIES = [  # outputs of one block the shifted layout does not cover
+    # (kh, kw, stride, padding, dilation, h, w): each tap's inputs copied as one run
+    (3, 3, (2, 2), (1, 1), (1, 1), 7, 7),    # 4x4: one vector instead of two
+    (3, 3, (2, 2), (1, 1), (1, 1), 14, 14),  # 7x7: three vectors and the tail
+    (3, 3, (2, 2), (1, 1), (1, 1), 13, 13),
+    (3, 3, (1, 1), (0, 0), (1, 1), 6, 6),    # stride 1, width not kept
+    (5, 5, (2, 2), (2, 2), (1, 1), 8, 8),    # 25 taps: no tail
+    (3, 3, (2, 2), (2, 2), (2, 2), 9, 9),
+    (1, 3, (2, 2), (0, 1), (1, 1), 7, 7),
+    (3, 3, (3, 3), (1, 1), (1, 1), 11, 11),
+    (3, 3, (2, 2), (1, 1), (1, 1), 2, 2),    # one output pixel: the tail alone
+]
+
+
+@pytest.mark.parametrize("kh,kw,stride,padding,dilation,h,w", TAP_COPY_GEOMETRIES)
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("explicit_in_idx", [False, True])
+def test_tap_copy_layout_matches_reference(kh, kw, stride, padding, dilation, h, w, n,
+                                           explicit_in_idx):
+    """Strided or unpadded small maps: each kept input channel is copied once per
+    tap as the output-sized run that tap reads; the taps read their runs, no
+    junk columns. Zero channels, channels outside in_idx NaN (never read),
+    poisoned output."""
+    g = torch.Generator().manual_seed(kh * 1000 + h * 10 + stride[0] + n)
+    cin, cout, k = 37, 23, 15
+    x = torch.randn(n, cin, h, w, generator=g)
+    x[:, [3, 11]] = 0
+    in_idx = None
+    if explicit_in_idx:
+        in_idx = torch.stack([torch.sort(torch.randperm(cin, generator=g)[:20]).values
+                              for _ in range(n)])
+        outside = torch.ones(n, cin, dtype=torch.bool).scatter_(1, in_idx, False)
+        x[outside] = float("nan")
+    weight = torch.randn(cout, cin, kh, kw, generator=g)
+    bias = torch.randn(cout, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
+    s = torch.rand(n, k, generator=g) - 0.3
+    case = Case(x, weight, bias, oi, s, in_idx, stride, padding, dilation, True)
+    ho, wo = (_out_size(d, p, dl, kk, st) for d, p, dl, kk, st in
+              zip((h, w), padding, dilation, (kh, kw), stride))
+    assert ho * wo <= 64
+    assert_poisoned_out_matches_reference(case, (n, cout, ho, wo))
+
+
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("k", [1, 8, 13])
 @pytest.mark.parametrize("explicit_in_idx", [False, True])
