@@ -21,6 +21,7 @@ SHAPES = [  # (in channels, out channels, map size, kernel, stride)
     (384, 384, 13, 3, 1), (32, 32, 64, 3, 1),
     # one-pixel and two-by-two maps (late layers of a ResNet on small inputs)
     (512, 512, 1, 1, 1), (512, 512, 1, 3, 1), (512, 512, 2, 1, 1),
+    (512, 512, 7, 3, 2),  # stride 2 to a 4x4 output (tap copies)
 ]
 
 

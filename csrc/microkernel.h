@@ -86,7 +86,7 @@ struct TileArgs {
 //   weight(j, i, t) * xs[i][q0 + tap_off[t] + 0:R*16]
 // first: start from zero. kPacked picks the weight source; k3x3 unrolls the
 // nine taps of a 3x3 kernel whose offsets are r * row_step + s * col_step
-// (stride 1), which leaves no address arithmetic between the FMAs. kTail
+// (stride 1, or tap copies), which leaves no address arithmetic between the FMAs. kTail
 // (row pointers only) also computes the block's tail pixel, with its taps in
 // the lanes: per input channel one masked load of each row's taps times the
 // pixel's tap inputs (xtail), summed into cbuf[j][tail_lane] at the end.
@@ -205,7 +205,8 @@ DYNPRUNE_TILE_FN void run_tail_dot(int J, const float* const* wrows, const int64
   }
 }
 
-// Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4].
+// Runtime (J, R) -> compile-time tile; J in [1, kJBlock], R in [1, 4] (R = 0
+// only for tail tiles, below).
 template <int R, bool kPacked, bool k3x3, bool kTail = false>
 DYNPRUNE_TILE_FN void tile_j(int J, const TileArgs& a, bool first) {
   switch (J) {

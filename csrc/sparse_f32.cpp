@@ -47,18 +47,24 @@ namespace {
 // pixels (py + sh*a, px + sw*b). Output pixel (oh, ow) is computed at "wide"
 // position q = oh*Wph + ow, and tap (r, s) then reads element q + tap_off[t]
 // of the channel: consecutive q read consecutive floats for any stride and
-// dilation. Positions with ow >= Wo are junk and never stored.
+// dilation. Positions with ow >= Wo are junk and never stored. Small maps
+// use one of two other layouts instead, whose wide positions are the output
+// pixels (no junk): column-shifted copies (use_shifted) or one copy per tap
+// (use_tap_copies).
 
 struct Wide {
   int64_t Hph, Wph, chan;         // phase plane size; floats per channel (all phases)
   std::vector<char> phase_used;   // phases some tap reads (1x1 stride 2 reads one of 4)
   int64_t Q, qblocks, len_extra;  // wide positions, blocks, buffer slack
   std::vector<int64_t> tap_off;
-  bool sep3x3;                    // 3x3 taps at r * row_step + s * col_step (stride 1)
+  bool sep3x3;                    // 3x3 taps at r * row_step + s * col_step (stride 1,
+                                  // or tap copies at any stride)
   int64_t row_step, col_step;
   bool shifted;                   // the column-shifted layout below
-  bool tap_copies;                // the tap-copy layout below (strided small maps)
-  bool tail;                      // last pixel by the tail (tail_fits: has_tail, or 1x1)
+  bool tap_copies;                // the tap-copy layout below (small outputs that the
+                                  // shifted one does not take: strided, unpadded)
+  bool tail;                      // last pixel by the tail (tail_fits: shifted or tap
+                                  // copies with taps <= 16, or 1x1 kernels)
   std::vector<uint16_t> shift_masks;  // shifted: per copy s, per 16 pixels of the
                                       // plane, the lanes whose source column exists
 };
@@ -108,9 +114,10 @@ bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
 // tap t reads its copy at t * run, and 3x3 kernels keep the unrolled tile
 // (row_step = 3 runs, col_step = 1 run). A 4x4 output from 7x7 at stride 2
 // fills 16 of 16 lanes instead of 16 of 32; 7x7 from 14x14 takes 3 vectors
-// and the tail instead of 4. Used where it saves at least 10% of the vectors
-// (the copies hold taps x the output per channel, the padded phases about 4x
-// the output). A/B, old/new time: 512->512 3x3 stride 2 on 7x7 1.52-1.61
+// and the tail instead of 4. Used for kernels of 2-9 taps, where it saves at
+// least 10% of the vectors (the copies hold taps x the output per channel,
+// the padded phases about 4x the output; larger kernels are not measured).
+// A/B, old/new time: 512->512 3x3 stride 2 on 7x7 1.52-1.61
 // (batch 16), 1.30-1.32 (batch 1); 256->512 on 14x14 1.07-1.15 and
 // 1.08-1.11, with every input kept and keep 0.637 (ResNet-18's layer4.0.conv1)
 // 1.13-1.14 and 1.11; 512->512 on 14x14 1.045 (batch 1); small layers
@@ -118,7 +125,7 @@ bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
 // ResNet-20 and ResNet-56 at batch 1 0.985-1.00, ResNet-18 1.00-1.03.
 bool use_tap_copies(const Geometry& g, bool tail_ok) {
   const int64_t taps = g.kh * g.kw, q = g.Ho * g.Wo;
-  if (taps < 2 || q > kQBlock || q == 0) return false;
+  if (taps < 2 || taps > 9 || q > kQBlock || q == 0) return false;
   const int64_t Wph = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
   auto vectors = [](int64_t n) {  // 16-lane vectors the register tiles sweep
     return n / kQBlock * (kQBlock / kLanes) + (n % kQBlock + kLanes - 1) / kLanes;

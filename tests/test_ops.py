@@ -524,7 +524,7 @@ TAP_COPY_GEOMETRIES = [  # outputs of one block the shifted layout does not cove
     (3, 3, (2, 2), (1, 1), (1, 1), 14, 14),  # 7x7: three vectors and the tail
     (3, 3, (2, 2), (1, 1), (1, 1), 13, 13),
     (3, 3, (1, 1), (0, 0), (1, 1), 6, 6),    # stride 1, width not kept
-    (5, 5, (2, 2), (2, 2), (1, 1), 8, 8),    # 25 taps: no tail
+    (2, 2, (2, 2), (0, 0), (1, 1), 9, 9),    # 4 taps
     (3, 3, (2, 2), (2, 2), (2, 2), 9, 9),
     (1, 3, (2, 2), (0, 1), (1, 1), 7, 7),
     (3, 3, (3, 3), (1, 1), (1, 1), 11, 11),
