@@ -250,21 +250,35 @@ DYNPRUNE_TILE_FN void run_1x1_tail_tile(int J, int R, const TileArgs& a, bool fi
 }
 
 // Row-pointer tiles whose block ends with a tail pixel (see has_tail in
-// sparse_f32.cpp): R vectors of pixels, then the tail. R in [0, 3].
+// sparse_f32.cpp): R vectors of pixels, then the tail. R in [1, 3] (R = 0:
+// tail_only_tile).
 template <bool k3x3>
 DYNPRUNE_TILE_FN void tail_tile_jr(int J, int R, const TileArgs& a, bool first) {
   switch (R) {
     case 3: tile_j<3, false, k3x3, true>(J, a, first); break;
     case 2: tile_j<2, false, k3x3, true>(J, a, first); break;
-    case 1: tile_j<1, false, k3x3, true>(J, a, first); break;
-    default: tile_j<0, false, k3x3, true>(J, a, first); break;  // one pixel: the tail alone
+    default: tile_j<1, false, k3x3, true>(J, a, first); break;
   }
+}
+
+// A one-pixel block: the tail alone (R = 0). Not inlined: block_avx512
+// holds every other tile inlined, and this one stays out of its code.
+template <bool k3x3>
+static __attribute__((noinline, target("arch=x86-64-v4"))) void tail_only_tile(
+    int J, const TileArgs& a, bool first) {
+  tile_j<0, false, k3x3, true>(J, a, first);
 }
 
 DYNPRUNE_TILE_FN void run_tail_tile(int J, int R, const TileArgs& a, bool is3x3,
                                     bool first) {
-  if (is3x3) tail_tile_jr<true>(J, R, a, first);
-  else tail_tile_jr<false>(J, R, a, first);
+  if (R == 0) {
+    if (is3x3) tail_only_tile<true>(J, a, first);
+    else tail_only_tile<false>(J, a, first);
+  } else if (is3x3) {
+    tail_tile_jr<true>(J, R, a, first);
+  } else {
+    tail_tile_jr<false>(J, R, a, first);
+  }
 }
 
 DYNPRUNE_TILE_FN void run_tile(int J, int R, const TileArgs& a, bool packed, bool is3x3,
