@@ -86,10 +86,11 @@ struct TileArgs {
 //   weight(j, i, t) * xs[i][q0 + tap_off[t] + 0:R*16]
 // first: start from zero. kPacked picks the weight source; k3x3 unrolls the
 // nine taps of a 3x3 kernel whose offsets are r * row_step + s * col_step
-// (stride 1, or tap copies), which leaves no address arithmetic between the FMAs. kTail
-// (row pointers only) also computes the block's tail pixel, with its taps in
-// the lanes: per input channel one masked load of each row's taps times the
-// pixel's tap inputs (xtail), summed into cbuf[j][tail_lane] at the end.
+// (stride 1, or tap copies), which leaves no address arithmetic between the
+// FMAs. kTail (row pointers only) also computes the block's tail pixel, with
+// its taps in the lanes: per input channel one masked load of each row's taps
+// times the pixel's tap inputs (xtail), summed into cbuf[j][tail_lane] at the
+// end.
 // (7x7: 3 vectors and the tail, 28 FMAs per row and channel instead of 36;
 // a one-pixel map: R = 0, the tail alone, 1 FMA instead of 9.)
 template <int J, int R, bool kPacked, bool k3x3, bool kTail = false>

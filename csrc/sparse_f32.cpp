@@ -80,6 +80,23 @@ bool tail_fits(int64_t q, int64_t taps) {
 }
 bool has_tail(const Geometry& g) { return tail_fits(g.Ho * g.W, g.kh * g.kw); }
 
+// 16-lane vectors the register tiles sweep over q wide positions (blocks of
+// kQBlock, the last one partial).
+int64_t tile_vectors(int64_t q) {
+  return q / kQBlock * (kQBlock / kLanes) + (q % kQBlock + kLanes - 1) / kLanes;
+}
+
+// Output columns [lo, hi) of n whose input column c0 + o * step lies in
+// [0, W): the rest of a copied row is padding.
+struct ColRange {
+  int64_t lo, hi;
+};
+ColRange valid_columns(int64_t c0, int64_t step, int64_t W, int64_t n) {
+  const int64_t lo = std::min(n, c0 >= 0 ? 0 : (-c0 + step - 1) / step);
+  const int64_t hi = std::max(lo, std::min(n, c0 >= W ? 0 : (W - 1 - c0) / step + 1));
+  return {lo, hi};
+}
+
 // Small stride-1 maps whose width the padding keeps (Wo == W) use a
 // "shifted" layout instead: per channel, kw copies of the rows (zero rows
 // above and below), copy s holding column ow + s*dw - pw at column ow. Wide
@@ -98,12 +115,9 @@ bool has_tail(const Geometry& g) { return tail_fits(g.Ho * g.W, g.kh * g.kw); }
 bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
   if (g.sh != 1 || g.sw != 1 || g.kw < 2 || g.Wo != g.W) return false;
   const int64_t Wp = g.W + 2 * g.pw;
-  auto vectors = [](int64_t q) {  // 16-lane vectors the register tiles sweep
-    return q / kQBlock * (kQBlock / kLanes) + (q % kQBlock + kLanes - 1) / kLanes;
-  };
   const int64_t q = g.Ho * g.W;
-  const int64_t tight = vectors(q) - (tail_ok && has_tail(g) ? 1 : 0);
-  const int64_t padded = vectors(g.Ho * Wp);
+  const int64_t tight = tile_vectors(q) - (tail_ok && has_tail(g) ? 1 : 0);
+  const int64_t padded = tile_vectors(g.Ho * Wp);
   return (q <= kQBlock || multi_block) && tight * 10 <= padded * 9;
 }
 
@@ -127,11 +141,8 @@ bool use_tap_copies(const Geometry& g, bool tail_ok) {
   const int64_t taps = g.kh * g.kw, q = g.Ho * g.Wo;
   if (taps < 2 || taps > 9 || q > kQBlock || q == 0) return false;
   const int64_t Wph = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
-  auto vectors = [](int64_t n) {  // 16-lane vectors the register tiles sweep
-    return n / kQBlock * (kQBlock / kLanes) + (n % kQBlock + kLanes - 1) / kLanes;
-  };
-  const int64_t tight = vectors(q) - (tail_ok && tail_fits(q, taps) ? 1 : 0);
-  return tight * 10 <= vectors(g.Ho * Wph) * 9;
+  const int64_t tight = tile_vectors(q) - (tail_ok && tail_fits(q, taps) ? 1 : 0);
+  return tight * 10 <= tile_vectors(g.Ho * Wph) * 9;
 }
 
 Wide make_wide(const Geometry& g, bool tail_ok, bool multi_block) {
@@ -229,9 +240,7 @@ void fill_wide_channel(const float* src, const Geometry& g, const Wide& w, float
       float* d = dst + (py * g.sw + px) * w.Hph * w.Wph;
       // Columns b with 0 <= px + sw*b - pw < W come from x; the rest are padding.
       const int64_t c0 = px - g.pw;
-      const int64_t b_lo = std::min(w.Wph, c0 >= 0 ? 0 : (-c0 + g.sw - 1) / g.sw);
-      const int64_t b_hi =
-          std::max(b_lo, std::min(w.Wph, g.W - 1 - c0 < 0 ? 0 : (g.W - 1 - c0) / g.sw + 1));
+      const auto [b_lo, b_hi] = valid_columns(c0, g.sw, g.W, w.Wph);
       for (int64_t a = 0; a < w.Hph; ++a, d += w.Wph) {
         const int64_t ih = py + g.sh * a - g.ph;
         if (ih < 0 || ih >= g.H) {
@@ -257,8 +266,7 @@ __attribute__((target_clones("arch=x86-64-v4", "default"),
 void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, float* dst) {
   for (int64_t s = 0; s < g.kw; ++s) {
     const int64_t c0 = s * g.dw - g.pw;  // input column of output column 0
-    const int64_t b_lo = std::min(g.W, std::max<int64_t>(0, -c0));
-    const int64_t b_hi = std::max(b_lo, std::min(g.W, g.W - c0));
+    const auto [b_lo, b_hi] = valid_columns(c0, 1, g.W, g.W);
     float* d = dst + s * w.Hph * w.Wph;
     for (int64_t a = 0; a < w.Hph; ++a, d += w.Wph) {
       const int64_t ih = a - g.ph;
@@ -281,16 +289,12 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
 __attribute__((target_clones("arch=x86-64-v4", "default"),
                optimize("no-tree-loop-distribute-patterns")))
 void fill_tap_copies(const float* src, const Geometry& g, const Wide& w, float* dst) {
-  const int64_t run = w.tap_off.size() > 1 ? w.tap_off[1] : w.chan;
-  auto first_valid = [](int64_t c0, int64_t step) {  // least o >= 0 with c0 + o * step >= 0
-    return c0 >= 0 ? 0 : (-c0 + step - 1) / step;
-  };
+  const int64_t run = w.chan / (g.kh * g.kw), q = g.Ho * g.Wo;
   for (int64_t r = 0; r < g.kh; ++r)
     for (int64_t s = 0; s < g.kw; ++s) {
       float* d = dst + (r * g.kw + s) * run;
       const int64_t c0 = s * g.dw - g.pw;  // input column of output column 0
-      const int64_t lo = std::min(g.Wo, first_valid(c0, g.sw));
-      const int64_t hi = std::max(lo, std::min(g.Wo, c0 >= g.W ? 0 : (g.W - 1 - c0) / g.sw + 1));
+      const auto [lo, hi] = valid_columns(c0, g.sw, g.W, g.Wo);
       for (int64_t oh = 0; oh < g.Ho; ++oh, d += g.Wo) {
         const int64_t ih = oh * g.sh + r * g.dh - g.ph;
         if (ih < 0 || ih >= g.H) {
@@ -302,7 +306,7 @@ void fill_tap_copies(const float* src, const Geometry& g, const Wide& w, float* 
         for (int64_t ow = lo; ow < hi; ++ow) d[ow] = row[ow * g.sw];
         for (int64_t ow = hi; ow < g.Wo; ++ow) d[ow] = 0.f;
       }
-      for (int64_t q = g.Ho * g.Wo; q < run; ++q) d[q - g.Ho * g.Wo] = 0.f;
+      for (int64_t l = 0; l < run - q; ++l) d[l] = 0.f;  // d is at the copy's end
     }
 }
 
