@@ -143,6 +143,7 @@ bool use_shifted(const Geometry& g, bool tail_ok, bool multi_block) {
 bool use_tap_copies(const Geometry& g, bool tail_ok) {
   const int64_t taps = g.kh * g.kw, q = g.Ho * g.Wo;
   if (taps < 2 || taps > 9 || q > kQBlock || q == 0) return false;
+  if (g.H * g.W > INT32_MAX) return false;  // the gathers' offsets are int32
   const int64_t Wph = (g.W + 2 * g.pw + g.sw - 1) / g.sw;
   const int64_t tight = tile_vectors(q) - (tail_ok && tail_fits(q, taps) ? 1 : 0);
   return tight * 10 <= tile_vectors(g.Ho * Wph) * 9;
