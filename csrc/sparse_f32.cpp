@@ -169,21 +169,24 @@ Wide make_wide(const Geometry& g, bool tail_ok, bool multi_block) {
     w.tail = tail_ok && tail_fits(w.Q, taps);
     w.phase_used.assign(1, 1);
     w.len_extra = 1;
-    // Where each lane of each copy reads the plane (fill_tap_copies_avx512).
-    const int64_t vecs = w.chan / kLanes;
+    // Where each float of the copies reads the plane (fill_tap_copies): copy
+    // t = (r, s) holds, at oh * Wo + ow, the pixel tap t reads for output
+    // (oh, ow); floats without one (padding, or past Ho * Wo) stay 0.
     w.tap_src.assign(w.chan, 0);
-    w.tap_masks.assign(vecs, 0);
-    for (int64_t t = 0; t < taps; ++t) {
-      const int64_t r = t / g.kw, s = t % g.kw;
-      for (int64_t q = 0; q < w.Q; ++q) {
-        const int64_t ih = q / g.Wo * g.sh + r * g.dh - g.ph;
-        const int64_t iw = q % g.Wo * g.sw + s * g.dw - g.pw;
-        if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
-        const int64_t e = t * run + q;
-        w.tap_src[e] = static_cast<int32_t>(ih * g.W + iw);
-        w.tap_masks[e / kLanes] |= static_cast<uint16_t>(1u << (e % kLanes));
-      }
-    }
+    w.tap_masks.assign(w.chan / kLanes, 0);
+    for (int64_t r = 0; r < g.kh; ++r)
+      for (int64_t s = 0; s < g.kw; ++s)
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t ih = oh * g.sh + r * g.dh - g.ph;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const int64_t iw = ow * g.sw + s * g.dw - g.pw;
+            if (iw < 0 || iw >= g.W) continue;
+            const int64_t e = (r * g.kw + s) * run + oh * g.Wo + ow;
+            w.tap_src[e] = static_cast<int32_t>(ih * g.W + iw);
+            w.tap_masks[e / kLanes] |= static_cast<uint16_t>(1u << (e % kLanes));
+          }
+        }
     return w;
   }
   if (w.shifted) {
@@ -301,36 +304,15 @@ void fill_shifted_channel(const float* src, const Geometry& g, const Wide& w, fl
   }
 }
 
-// Copies one H x W input plane into its tap-copy slot (see use_tap_copies):
-// copy t = (r, s) holds, at oh * Wo + ow, the input pixel tap t reads for
-// output (oh, ow), or 0 in the padding; lanes past Ho * Wo are 0. The valid
-// columns of a copy are one range [lo, hi): no test per pixel.
-__attribute__((target_clones("arch=x86-64-v4", "default"),
-               optimize("no-tree-loop-distribute-patterns")))
-void fill_tap_copies(const float* src, const Geometry& g, const Wide& w, float* dst) {
-  const int64_t run = w.chan / (g.kh * g.kw), q = g.Ho * g.Wo;
-  for (int64_t r = 0; r < g.kh; ++r)
-    for (int64_t s = 0; s < g.kw; ++s) {
-      float* d = dst + (r * g.kw + s) * run;
-      const int64_t c0 = s * g.dw - g.pw;  // input column of output column 0
-      const auto [lo, hi] = valid_columns(c0, g.sw, g.W, g.Wo);
-      for (int64_t oh = 0; oh < g.Ho; ++oh, d += g.Wo) {
-        const int64_t ih = oh * g.sh + r * g.dh - g.ph;
-        if (ih < 0 || ih >= g.H) {
-          for (int64_t ow = 0; ow < g.Wo; ++ow) d[ow] = 0.f;
-          continue;
-        }
-        const float* row = src + ih * g.W + c0;
-        for (int64_t ow = 0; ow < lo; ++ow) d[ow] = 0.f;
-        for (int64_t ow = lo; ow < hi; ++ow) d[ow] = row[ow * g.sw];
-        for (int64_t ow = hi; ow < g.Wo; ++ow) d[ow] = 0.f;
-      }
-      for (int64_t l = 0; l < run - q; ++l) d[l] = 0.f;  // d is at the copy's end
-    }
+// Copies one H x W input plane into its tap-copy slot (see use_tap_copies),
+// from the offsets and lane masks make_wide lists.
+void fill_tap_copies(const float* src, const Wide& w, float* dst) {
+  for (int64_t e = 0; e < w.chan; ++e)
+    dst[e] = (w.tap_masks[e / kLanes] >> (e % kLanes)) & 1 ? src[w.tap_src[e]] : 0.f;
 }
 
-// fill_tap_copies in vectors: one masked gather per 16 floats of the copies,
-// from the offsets make_wide lists (the copies are at most 9 x 64 floats),
+// fill_tap_copies in vectors: one masked gather per 16 floats of the copies
+// (at most 9 x 64 floats),
 // with the plane two channels on prefetched: the gathers otherwise wait on
 // its lines (the batch-wide gate pass ran between the scan and this copy).
 // A/B, old/new time (scalar copies): 512->512 3x3 stride 2 on 7x7 1.48
@@ -1107,7 +1089,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     if (wd.tap_copies && vec_fill) {
       fill_tap_copies_avx512(src, g, wd, dst);
     } else if (wd.tap_copies) {
-      fill_tap_copies(src, g, wd, dst);
+      fill_tap_copies(src, wd, dst);
     } else if (wd.shifted && vec_fill) {
       fill_shifted_avx512(src, g, wd, dst);
     } else if (wd.shifted) {

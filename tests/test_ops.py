@@ -823,8 +823,10 @@ def test_portable_path_without_avx512_matches_reference():
         import torch, dynprune
         torch.manual_seed(0)
         worst = 0.0
-        for cin, cout, k, s, p, d in [(5, 7, 3, 1, 1, 1), (6, 4, 3, 2, 2, 2), (3, 9, 1, 1, 0, 1)]:
-            x = torch.randn(3, cin, 9, 8)
+        # the last case, a 4x4 output from 7x7 at stride 2, takes the tap copies
+        for cin, cout, k, s, p, d, h, wd in [(5, 7, 3, 1, 1, 1, 9, 8), (6, 4, 3, 2, 2, 2, 9, 8),
+                                             (3, 9, 1, 1, 0, 1, 9, 8), (6, 5, 3, 2, 1, 1, 7, 7)]:
+            x = torch.randn(3, cin, h, wd)
             x[:, 1] = 0
             w, b = torch.randn(cout, cin, k, k), torch.randn(cout)
             idx = torch.stack([torch.sort(torch.randperm(cout)[:3]).values for _ in range(3)])
