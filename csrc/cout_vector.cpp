@@ -58,6 +58,35 @@ __attribute__((target("arch=x86-64-v4"))) inline void transpose16(__m512 r[16]) 
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// 1x1 kernels: the 32 rows' weights of kept inputs [i0, i1), one 16-channel
+// window at a time: whole-line row loads and a transpose per 16 rows, then the
+// kept channels' vectors stored (a gather per kept channel waited on 16
+// scattered lines; these loads stream along each row). Returns dst past them.
+__attribute__((target("arch=x86-64-v4")))
+float* pack_windows_1x1(const float* weight, int64_t Cin, const CoutSample& s,
+                        const int32_t* rows, __mmask16 m0, __mmask16 m1, int64_t i0, int64_t i1,
+                        float* dst) {
+  alignas(64) float block[2][kLanes][kLanes];
+  for (int64_t i = i0; i < i1;) {
+    const int64_t c0 = s.in_off[i] / kLanes * kLanes;
+    const __mmask16 cols =
+        Cin - c0 >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (Cin - c0)) - 1);
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 m = h ? m1 : m0;
+      __m512 r[kLanes];
+      for (int u = 0; u < kLanes; ++u)
+        r[u] = _mm512_maskz_loadu_ps((m >> u) & 1 ? cols : 0, weight + rows[h * kLanes + u] + c0);
+      transpose16(r);  // r[c]: the 16 rows' weights of input channel c0 + c
+      for (int c = 0; c < kLanes; ++c) _mm512_store_ps(block[h][c], r[c]);
+    }
+    for (; i < i1 && s.in_off[i] < c0 + kLanes; ++i, dst += kCoutTile) {
+      _mm512_storeu_ps(dst, _mm512_load_ps(block[0][s.in_off[i] - c0]));
+      _mm512_storeu_ps(dst + kLanes, _mm512_load_ps(block[1][s.in_off[i] - c0]));
+    }
+  }
+  return dst;
+}
+
 // Kept inputs [i0, i1) of a sample's weights for channel tiles [v0, v1), in
 // the tile's layout: weight (out_ch[v*32 + u], in_ch[i], t) at
 // dst[(((v - v0)*(i1 - i0) + i - i0)*taps + t)*32 + u], zero for u past k.
@@ -69,8 +98,12 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
   const int64_t taps = g.kh * g.kw, row_len = g.Cin * taps;
   // 3x3 (up to 16 taps): masked row loads and a transpose. A/B, interleaved
   // with the dense conv, gathers/this: 256x14x14 at batch 16 1.076 and 1.045,
-  // 128x16x16 1.02 and 1.01, 128x28x28 and batch 1 within +-1.5%. Fewer taps
-  // keep the gathers: the transpose costs the same for 1 tap as for 16.
+  // 128x16x16 1.02 and 1.01, 128x28x28 and batch 1 within +-1.5%. 1x1
+  // kernels transpose 16-channel windows instead (pack_windows_1x1). A/B,
+  // interleaved with the dense conv, old/new time: 1024->256 on 14x14 1.21 at
+  // batch 16 (dyn/static 1.71 -> 1.42) and 1.20 at batch 1; 256->1024 1.02;
+  // software prefetch of the next windows on top: 0.97-0.98. Other tap counts
+  // keep the gathers.
   const bool use_transpose = taps >= 9 && taps <= kLanes;
   for (int64_t v = v0; v < v1; ++v) {
     int32_t rows[kCoutTile];  // int32 offsets: cout_vector_pays bounds the weight size
@@ -84,6 +117,10 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
                          : left <= kLanes  ? 0
                                            : static_cast<__mmask16>((1u << (left - kLanes)) - 1);
     const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + kLanes);
+    if (taps == 1) {
+      dst = pack_windows_1x1(weight, g.Cin, s, rows, m0, m1, i0, i1, dst);
+      continue;
+    }
     for (int64_t i = i0; i < i1; ++i) {
       const float* base = weight + s.in_off[i];
       if (i + kPackPrefetch < s.kin) {  // 32 rows' lines per channel: fetch them early
