@@ -1148,20 +1148,29 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     // 1x1 kernels: the tail pixel by windows of 16 channels holding a kept
     // one (tail_dot), where those cost fewer FMAs than the fourth vector of
     // pixels they save (kin a row); each window reads its row lines too.
-    // Within the reserved capacity: no allocation here.
+    // Within the reserved capacity: no allocation here. Branch-free: a branch
+    // per new window mispredicted on random channels and stalled each load of
+    // a plane's last pixel in turn (perf: 62% of this lambda on 2048->512 at
+    // 7x7; A/B old/new time at batch 16 1.020 there, 512x7x7 1.005).
     sp.tail_c.clear();
     sp.tail_mask.clear();
     if (tail_1x1) {
+      const int64_t most = Cin / kLanes + 1;  // windows at most (the reserved capacity)
+      sp.tail_c.resize(most);
+      sp.tail_mask.assign(most, 0);
+      sp.xtail.assign(most * kLanes, 0.f);
+      int64_t w = -1, prev = -1;
       for (int64_t i = 0; i < kin; ++i) {
-        const int64_t c = sp.in_ch[i] / kLanes * kLanes, lane = sp.in_ch[i] - c;
-        if (sp.tail_c.empty() || sp.tail_c.back() != c) {  // a new window
-          sp.tail_c.push_back(c);
-          sp.tail_mask.push_back(0);
-          sp.xtail.resize(sp.xtail.size() + kLanes, 0.f);
-        }
-        sp.tail_mask.back() |= static_cast<uint16_t>(1u << lane);
-        sp.xtail[sp.xtail.size() - kLanes + lane] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
+        const int64_t c = sp.in_ch[i] / kLanes;
+        w += c != prev;
+        prev = c;
+        sp.tail_c[w] = c * kLanes;
+        sp.tail_mask[w] |= static_cast<uint16_t>(1u << (sp.in_ch[i] - c * kLanes));
+        sp.xtail[w * kLanes + sp.in_ch[i] - c * kLanes] = sp.xs[i][wd.Q - 1 + wd.tap_off[0]];
       }
+      sp.tail_c.resize(w + 1);
+      sp.tail_mask.resize(w + 1);
+      sp.xtail.resize((w + 1) * kLanes);
       if (2 * static_cast<int64_t>(sp.tail_c.size()) + 8 > kin) {  // does not pay
         sp.tail_c.clear();
         sp.xtail.clear();
