@@ -19,10 +19,10 @@ if os.environ.get("DYNPRUNE_NO_EXT", "0") != "1":
         CppExtension(
             "dynprune._C",
             sources=["csrc/gated_conv2d.cpp", "csrc/sparse_f32.cpp", "csrc/dynamic_conv2d.cpp",
-                     "csrc/max_pool2d.cpp", "csrc/cout_vector.cpp"],
+                     "csrc/max_pool2d.cpp", "csrc/cout_vector.cpp", "csrc/output_pool.cpp"],
             extra_compile_args={"cxx": flags},
             extra_link_args=["-fopenmp"],
-            depends=["csrc/microkernel.h", "csrc/cout_tile.h", "csrc/cout_vector.h", "csrc/gated_conv2d.h"],
+            depends=["csrc/microkernel.h", "csrc/cout_tile.h", "csrc/cout_vector.h", "csrc/gated_conv2d.h", "csrc/output_pool.h"],
         )
     )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "gated_conv2d.h"
+#include "output_pool.h"
 
 namespace dynprune {
 
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
   if (in_idx.has_value()) check_index_values(*in_idx, "in_idx", g.Cin);
   at::Tensor idx = at::empty({g.N, k}, x.options().dtype(at::kLong));
   at::Tensor scale = at::empty({g.N, k}, x.options());
-  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  at::Tensor y = empty_output({g.N, g.Cout, g.Ho, g.Wo}, x.options());
   sparse_conv2d_f32(x, weight, bias.has_value() ? *bias : at::Tensor(), &gate, idx, scale,
                     in_idx.has_value() ? *in_idx : at::Tensor(), g, relu, y);
   return {y, idx, scale};
@@ -221,6 +222,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "watched tensor changed in place")
       .def("run", &dynprune::EvalPlan::run, pybind11::arg("x"), pybind11::arg("in_idx"),
            "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None");
+  m.def("release_idle_outputs", &dynprune::release_idle_outputs,
+        "Frees the memory of freed outputs kept for reuse; returns its bytes");
+  m.def("idle_output_bytes", &dynprune::idle_output_bytes,
+        "Bytes of freed outputs kept for reuse");
   m.def("max_pool2d_nchw", &dynprune::max_pool2d_nchw, pybind11::arg("x"), pybind11::arg("kernel"),
         pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
         "Max pool of a 4-D float32 CPU tensor in NCHW (no indices, floor mode); no autograd");

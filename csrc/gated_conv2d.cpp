@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gated_conv2d.h"
+#include "output_pool.h"
 
 namespace dynprune {
 
@@ -196,7 +197,7 @@ at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight,
                         at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   const Geometry g =
       check_inputs(x, weight, bias, &out_idx, out_scale, in_idx, stride, padding, dilation);
-  at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  at::Tensor out = empty_output({g.N, g.Cout, g.Ho, g.Wo}, x.options());
   return gated_conv2d_out(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
                           relu, out);
 }

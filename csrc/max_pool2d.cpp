@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "gated_conv2d.h"
+#include "output_pool.h"
 
 namespace dynprune {
 namespace {
@@ -141,7 +142,7 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "input ", H, "x", W, " is too small for the pooling window");
-  at::Tensor y = at::empty({N, C, Ho, Wo}, in.options());
+  at::Tensor y = empty_output({N, C, Ho, Wo}, in.options());
   const float* ip = in.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && dh == 1 && dw == 1) {

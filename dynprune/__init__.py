@@ -8,10 +8,10 @@
 from dynprune.convert import convert
 from dynprune.flops import FlopsReport, flops
 from dynprune.nn import ChannelGate, Conv2dBN, DynamicConv2d, saliency_loss
-from dynprune.ops import backends, gated_conv2d, gated_conv2d_reference
+from dynprune.ops import backends, gated_conv2d, gated_conv2d_reference, release_memory
 
 __all__ = [
     "ChannelGate", "Conv2dBN", "DynamicConv2d", "FlopsReport", "backends", "convert", "flops",
-    "gated_conv2d", "gated_conv2d_reference", "saliency_loss",
+    "gated_conv2d", "gated_conv2d_reference", "release_memory", "saliency_loss",
 ]
 __version__ = "0.1.0"

@@ -448,3 +448,19 @@ def backends() -> dict:
     if _cuda_error is not None:
         info["cuda_error"] = _cuda_error
     return info
+
+
+def release_memory() -> int:
+    """Free the memory the native CPU kernels keep for reuse; returns its bytes.
+
+    Outputs of the CPU kernels (DynamicConv2d, gated_conv2d, the fast
+    max-pool) take their memory from blocks of earlier outputs of the same
+    size once those are freed, instead of fresh pages from the system: a
+    fresh multi-MB block faults on every 4 KB page it writes. Up to 512 MB of
+    freed outputs is kept; this returns it to the system (0 without the
+    native kernels).
+    """
+    if _native_error is not None:
+        return 0
+    from dynprune import _C
+    return int(_C.release_idle_outputs())

@@ -1132,3 +1132,73 @@ def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
     assert torch.isnan(y).any()  # the NaN channel was read
     finite = ~torch.isnan(ref)
     assert max_rel_err(y[finite], ref[finite]) < REL_TOL_F32
+
+
+# --------------------------------------------------------------------------- output memory
+
+
+def _native_cpu() -> bool:
+    return dynprune.backends()["cpu"] == "native"
+
+
+def test_reused_output_memory_is_fully_rewritten():
+    """An output takes the memory of a freed one of the same size: poisoned with
+    NaN first, every element must still be written (exact zeros in pruned rows)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    x[:, 3] = 0
+    w = torch.randn(12, 8, 3, 3)
+    idx = torch.tensor([[0, 4, 5, 11], [1, 2, 3, 9]])
+    scale = torch.rand(2, 4) + 0.5
+    ref = dynprune.gated_conv2d_reference(x.double(), w.double(), None, idx, scale.double(),
+                                          None, (1, 1), (1, 1), (1, 1), False)
+    first = dynprune.gated_conv2d(x, w, None, idx, scale, None, (1, 1), (1, 1), (1, 1), False)
+    ptr = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    again = dynprune.gated_conv2d(x, w, None, idx, scale, None, (1, 1), (1, 1), (1, 1), False)
+    if _native_cpu():
+        assert again.data_ptr() == ptr  # the freed block came back
+    assert not torch.isnan(again).any()
+    assert max_rel_err(again, ref) < 1e-5
+    pruned = torch.ones(2, 12, dtype=torch.bool).scatter(1, idx, False)
+    assert (again[pruned] == 0).all()
+
+
+def test_live_outputs_never_share_memory():
+    x = torch.randn(1, 4, 6, 6)
+    w = torch.randn(4, 4, 1, 1)
+    idx = torch.tensor([[0, 2]])
+    scale = torch.ones(1, 2)
+    outs = [dynprune.gated_conv2d(x, w, None, idx, scale, None, (1, 1), (0, 0), (1, 1), False)
+            for _ in range(3)]
+    assert len({o.data_ptr() for o in outs}) == 3
+    assert torch.equal(outs[0], outs[2])
+
+
+def test_pooled_output_behaves_like_a_cpu_tensor():
+    layer = dynprune.DynamicConv2d(6, 8, 3, padding=1, keep_ratio=0.5).eval()
+    with torch.no_grad():
+        y = layer(torch.randn(2, 6, 5, 5))
+    assert y.is_contiguous() and y.device.type == "cpu"
+    y.resize_(4, 8, 5, 5)  # resizable: grows through the same allocator
+    y[2:] = 1.0
+    assert y.shape == (4, 8, 5, 5) and (y[2:] == 1.0).all()
+    assert torch.equal(torch.from_numpy(y.numpy()), y)
+
+
+def test_release_memory_frees_idle_outputs():
+    x = torch.randn(1, 16, 64, 64)
+    w = torch.randn(16, 16, 1, 1)
+    idx = torch.arange(8).view(1, 8)
+    y = dynprune.gated_conv2d(x, w, None, idx, torch.ones(1, 8), None, (1, 1), (0, 0), (1, 1),
+                              False)
+    del y
+    freed = dynprune.release_memory()
+    if _native_cpu():
+        from dynprune import _C
+        assert freed >= 16 * 64 * 64 * 4
+        assert _C.idle_output_bytes() == 0
+    else:
+        assert freed == 0
+    assert dynprune.release_memory() == 0
