@@ -14,6 +14,9 @@
 #include "gated_conv2d.h"
 #include "output_pool.h"
 
+#include <memory>
+#include <mutex>
+
 namespace dynprune {
 
 void check_gate(const at::Tensor& x, const Gate& gate) {
@@ -92,6 +95,25 @@ TORCH_LIBRARY_IMPL(dynprune, CPU, m) {
 
 namespace dynprune {
 
+// Taps [t0, t1) of one dimension of a kernel that read the input at some
+// output position; the others read only zero padding, for every output (a
+// 3x3 kernel with padding 1 on a 1x1 map: only the centre tap).
+struct LiveTaps {
+  int64_t t0, t1;
+};
+LiveTaps live_taps(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil, int64_t out) {
+  LiveTaps r{k, 0};
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t first = t * dil - pad;  // input position at output 0
+    const int64_t o = first >= 0 ? 0 : (-first + stride - 1) / stride;  // first output inside
+    if (o < out && first + o * stride < size) {
+      r.t0 = std::min(r.t0, t);
+      r.t1 = t + 1;
+    }
+  }
+  return r;
+}
+
 // One eval-mode DynamicConv2d bound once: its (BN-folded) weight, bias, gate
 // and geometry. DynamicConv2d calls run() on CPU when no gradient is recorded:
 // a pybind11 call with two arguments instead of torch.ops' twelve, which costs
@@ -108,6 +130,15 @@ struct EvalPlan {
   // inputs) and their version counters then: stale() when any has changed.
   std::vector<at::Tensor> watched;
   std::vector<int64_t> seen;
+
+  // The weight without the taps that read only padding at the last input
+  // size (see cropped_call), and what it was cut from.
+  struct Crop {
+    std::mutex mutex;
+    std::vector<int64_t> key;  // H, W, weight data pointer and version
+    at::Tensor weight;
+  };
+  std::shared_ptr<Crop> crop = std::make_shared<Crop>();
 
   // Python objects the plan was built from: dict[key] was expected then (the
   // same object, or an equal value for configuration entries; a missing key
@@ -177,9 +208,54 @@ struct EvalPlan {
                       " input channels, got ", x.size(1));
     TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "dtype mismatch: input is ",
                      x.scalar_type(), " but DynamicConv2d weights are ", weight.scalar_type());
+    if (auto out = cropped_call(x, in_idx)) return *out;
     auto out = dynamic_conv2d(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
                               stride, padding, dilation, relu);
     return {std::get<0>(out), std::get<1>(out)};
+  }
+
+  // Small maps: a kernel row or column whose taps read only zero padding at
+  // every output position is cut off (the weight copy is cached per input
+  // size), so the kernel does not multiply those zeros: 3x3 on a 1x1 map
+  // becomes 1x1. Same outputs. Only where the padding stays symmetric and
+  // the output size is unchanged; nullopt otherwise. A/B, old/new time:
+  // 512x1x1 3x3 2.03 (batch 1) and 2.98 (batch 16); 256->512 3x3 stride 2
+  // from 2x2 to 1x1 (2x2 taps left) 1.41 and 1.40; 512x7x7, 48x10x10 (no
+  // cut) 1.01 and 1.00.
+  c10::optional<std::tuple<at::Tensor, at::Tensor>> cropped_call(
+      const at::Tensor& x, const c10::optional<at::Tensor>& in_idx) const {
+    if (x.scalar_type() != at::kFloat || stride.size() != 2 || padding.size() != 2 ||
+        dilation.size() != 2)
+      return c10::nullopt;
+    const int64_t H = x.size(2), W = x.size(3), kh = weight.size(2), kw = weight.size(3);
+    const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+    const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    if (Ho <= 0 || Wo <= 0) return c10::nullopt;  // the op reports the error
+    const LiveTaps th = live_taps(H, kh, stride[0], padding[0], dilation[0], Ho);
+    const LiveTaps tw = live_taps(W, kw, stride[1], padding[1], dilation[1], Wo);
+    if (th.t0 >= th.t1 || tw.t0 >= tw.t1 || (th.t1 - th.t0 == kh && tw.t1 - tw.t0 == kw))
+      return c10::nullopt;
+    const std::vector<int64_t> pad{padding[0] - th.t0 * dilation[0],
+                                   padding[1] - tw.t0 * dilation[1]};
+    const int64_t kh2 = th.t1 - th.t0, kw2 = tw.t1 - tw.t0;
+    if (pad[0] < 0 || pad[1] < 0 ||
+        (H + 2 * pad[0] - dilation[0] * (kh2 - 1) - 1) / stride[0] + 1 != Ho ||
+        (W + 2 * pad[1] - dilation[1] * (kw2 - 1) - 1) / stride[1] + 1 != Wo)
+      return c10::nullopt;
+    at::Tensor cut;
+    {
+      const std::vector<int64_t> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
+                                     static_cast<int64_t>(weight._version())};
+      std::lock_guard<std::mutex> lock(crop->mutex);
+      if (crop->key != key) {
+        crop->weight = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();
+        crop->key = key;
+      }
+      cut = crop->weight;
+    }
+    auto out = dynamic_conv2d(x, cut, bias, gate_weight, gate_bias, priority, k, in_idx, stride,
+                              pad, dilation, relu);
+    return std::make_tuple(std::get<0>(out), std::get<1>(out));
   }
 };
 
@@ -207,8 +283,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  pybind11::reinterpret_borrow<pybind11::object>(entry[2]),
                                  entry[3].cast<bool>()});
              }
-             return dynprune::EvalPlan{weight, bias, gate_weight, gate_bias, priority, k,
-                                       stride, padding, dilation, relu, watched, seen, checks};
+             dynprune::EvalPlan plan;
+             plan.weight = weight;
+             plan.bias = bias;
+             plan.gate_weight = gate_weight;
+             plan.gate_bias = gate_bias;
+             plan.priority = priority;
+             plan.k = k;
+             plan.stride = stride;
+             plan.padding = padding;
+             plan.dilation = dilation;
+             plan.relu = relu;
+             plan.watched = watched;
+             plan.seen = seen;
+             plan.guards = checks;
+             return plan;
            }),
            pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("gate_weight"),
            pybind11::arg("gate_bias"), pybind11::arg("priority"), pybind11::arg("k"),

@@ -245,6 +245,43 @@ def test_native_plan_matches_op_path_and_follows_changes():
             previous = y
 
 
+SMALL_MAPS = [  # (cin, cout, kernel, stride, padding, dilation, map): taps that read only padding
+    (24, 16, 3, 1, 1, 1, (1, 1)),            # 3x3 on 1x1: the centre tap alone
+    (24, 16, 3, 2, 1, 1, (2, 2)),            # stride 2 to 1x1: a 2x2 corner of taps
+    (16, 8, 5, 1, 2, 1, (1, 2)),             # rows cut to one, columns kept
+    (16, 8, (3, 5), 1, (1, 2), 1, (1, 3)),
+    (8, 12, 3, 1, 2, 2, (2, 2)),             # dilated: the centre tap alone
+    (8, 12, 3, 1, 1, 1, (2, 3)),             # every tap reads the map somewhere: no cut
+    (8, 12, 7, 2, 3, 1, (3, 3)),
+]
+
+
+@pytest.mark.parametrize("case", SMALL_MAPS)
+@pytest.mark.parametrize("bn", [False, True])
+def test_small_maps_skip_padding_taps_exactly(case, bn):
+    """Kernel taps that read only zero padding are cut off on small maps: same outputs,
+    and an in-place change of the weight reaches the cut copy."""
+    cin, cout, kernel, stride, padding, dilation, hw = case
+    m = DynamicConv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
+                      keep_ratio=0.5, batch_norm=bn)
+    with torch.no_grad():
+        m.gate.fc.weight.normal_()
+        m.gate.fc.bias.uniform_(0.0, 1.0)
+    if bn:
+        randomize_bn(m)
+    m.eval()
+    x = torch.randn(5, cin, *hw)
+    x[:, 1::3] = 0
+    with torch.no_grad():
+        fast = m(x)
+        assert rel_err(fast, m.forward_dense(x)) < 1e-5
+        assert rel_err(fast, _reference_forward(m, x)) < 1e-5
+        m.weight.mul_(-2.0)
+        again = m(x)
+        assert rel_err(again, m.forward_dense(x)) < 1e-5
+        assert not torch.equal(again, fast)
+
+
 def test_native_plan_survives_copies_and_dtype_changes():
     m = DynamicConv2d(4, 6, 3, padding=1, keep_ratio=0.5).eval()
     x = torch.randn(1, 4, 5, 5)
