@@ -22,6 +22,9 @@ SHAPES = [  # (in channels, out channels, map size, kernel, stride)
     # one-pixel and two-by-two maps (late layers of a ResNet on small inputs)
     (512, 512, 1, 1, 1), (512, 512, 1, 3, 1), (512, 512, 2, 1, 1),
     (512, 512, 7, 3, 2),  # stride 2 to a 4x4 output (tap copies)
+    (256, 512, 2, 3, 2),  # stride 2 to a one-pixel output (2x2 of the taps read the map)
+    # 1x1 convs of ResNet-50 and MobileNetV2 blocks
+    (1024, 256, 14, 1, 1), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (24, 144, 56, 1, 1),
 ]
 
 
