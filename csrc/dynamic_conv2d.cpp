@@ -131,15 +131,6 @@ struct EvalPlan {
   std::vector<at::Tensor> watched;
   std::vector<int64_t> seen;
 
-  // The weight without the taps that read only padding at the last input
-  // size (see cropped_call), and what it was cut from.
-  struct Crop {
-    std::mutex mutex;
-    std::vector<int64_t> key;  // H, W, weight data pointer and version
-    at::Tensor weight;
-  };
-  std::shared_ptr<Crop> crop = std::make_shared<Crop>();
-
   // Python objects the plan was built from: dict[key] was expected then (the
   // same object, or an equal value for configuration entries; a missing key
   // reads as None). Checked by holds() on every call, in place of the
@@ -152,6 +143,15 @@ struct EvalPlan {
     bool identity;
   };
   std::vector<Guard> guards;
+
+  // The weight without the taps that read only padding at the last input
+  // size (see cropped_call), and what it was cut from.
+  struct Crop {
+    std::mutex mutex;
+    std::vector<int64_t> key;  // H, W, weight data pointer and version
+    at::Tensor weight;
+  };
+  std::shared_ptr<Crop> crop = std::make_shared<Crop>();
 
   bool stale() const {
     for (size_t i = 0; i < watched.size(); ++i)
@@ -283,21 +283,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  pybind11::reinterpret_borrow<pybind11::object>(entry[2]),
                                  entry[3].cast<bool>()});
              }
-             dynprune::EvalPlan plan;
-             plan.weight = weight;
-             plan.bias = bias;
-             plan.gate_weight = gate_weight;
-             plan.gate_bias = gate_bias;
-             plan.priority = priority;
-             plan.k = k;
-             plan.stride = stride;
-             plan.padding = padding;
-             plan.dilation = dilation;
-             plan.relu = relu;
-             plan.watched = watched;
-             plan.seen = seen;
-             plan.guards = checks;
-             return plan;
+             return dynprune::EvalPlan{weight, bias, gate_weight, gate_bias, priority, k,
+                                       stride, padding, dilation, relu, watched, seen, checks};
            }),
            pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("gate_weight"),
            pybind11::arg("gate_bias"), pybind11::arg("priority"), pybind11::arg("k"),

@@ -14,7 +14,10 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -68,15 +71,20 @@ class OutputPool final : public c10::Allocator {
   };
 
   static void give_back(void* ctx);
+  friend OutputPool& pool();
 
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> idle_;  // byte size -> idle blocks
   size_t idle_bytes_ = 0;
 };
 
-// Never destroyed: tensors alive at exit still return their blocks here.
+// Never destroyed: tensors alive at exit still return their blocks here. A
+// child forked while another thread held the lock gets a fresh, unlocked one.
 OutputPool& pool() {
-  static OutputPool* p = new OutputPool();
+  static OutputPool* p = [] {
+    pthread_atfork(nullptr, nullptr, [] { new (&pool().mutex_) std::mutex(); });
+    return new OutputPool();
+  }();
   return *p;
 }
 
