@@ -95,6 +95,13 @@ TORCH_LIBRARY_IMPL(dynprune, CPU, m) {
 
 namespace dynprune {
 
+// Output size of a convolution along one dimension; 0 where the kernel does
+// not fit (a negative numerator: C++ division would round it towards zero).
+int64_t out_size(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  const int64_t span = size + 2 * pad - dil * (k - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
 // Taps [t0, t1) of one dimension of a kernel that read the input at some
 // output position; the others read only zero padding, for every output (a
 // 3x3 kernel with padding 1 on a 1x1 map: only the centre tap).
@@ -228,8 +235,8 @@ struct EvalPlan {
         dilation.size() != 2)
       return c10::nullopt;
     const int64_t H = x.size(2), W = x.size(3), kh = weight.size(2), kw = weight.size(3);
-    const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-    const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    const int64_t Ho = out_size(H, kh, stride[0], padding[0], dilation[0]);
+    const int64_t Wo = out_size(W, kw, stride[1], padding[1], dilation[1]);
     if (Ho <= 0 || Wo <= 0) return c10::nullopt;  // the op reports the error
     const LiveTaps th = live_taps(H, kh, stride[0], padding[0], dilation[0], Ho);
     const LiveTaps tw = live_taps(W, kw, stride[1], padding[1], dilation[1], Wo);
@@ -238,9 +245,8 @@ struct EvalPlan {
     const std::vector<int64_t> pad{padding[0] - th.t0 * dilation[0],
                                    padding[1] - tw.t0 * dilation[1]};
     const int64_t kh2 = th.t1 - th.t0, kw2 = tw.t1 - tw.t0;
-    if (pad[0] < 0 || pad[1] < 0 ||
-        (H + 2 * pad[0] - dilation[0] * (kh2 - 1) - 1) / stride[0] + 1 != Ho ||
-        (W + 2 * pad[1] - dilation[1] * (kw2 - 1) - 1) / stride[1] + 1 != Wo)
+    if (pad[0] < 0 || pad[1] < 0 || out_size(H, kh2, stride[0], pad[0], dilation[0]) != Ho ||
+        out_size(W, kw2, stride[1], pad[1], dilation[1]) != Wo)
       return c10::nullopt;
     at::Tensor cut;
     {

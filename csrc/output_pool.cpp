@@ -3,8 +3,8 @@
 // PyTorch's CPU allocator is glibc's malloc. A block above glibc's mmap
 // threshold is mapped fresh and unmapped on free, and the heap top is trimmed
 // back to the system, so a layer whose output is a few MB pays a page fault
-// per 4 KB page on every call (the kernel zeroes each page, then our stores
-// write it again). Here an output's memory returns to an idle list on free
+// per 4 KB page on every call (the OS zeroes each page, then the kernel's
+// stores write it again). Here an output's memory returns to an idle list on free
 // and the next output of the same byte size takes it back: a network or a
 // benchmark loop asks for the same sizes on every forward. Idle memory is
 // capped (kMaxIdleBytes); dynprune.release_memory() frees it.
@@ -41,7 +41,13 @@ class OutputPool final : public c10::Allocator {
       }
     }
     if (p == nullptr) p = c10::alloc_cpu(n);  // throws on failure
-    auto* block = new Block{p, n};
+    Block* block = nullptr;
+    try {
+      block = new Block{p, n};
+    } catch (...) {
+      c10::free_cpu(p);
+      throw;
+    }
     return {p, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 

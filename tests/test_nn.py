@@ -282,6 +282,13 @@ def test_small_maps_skip_padding_taps_exactly(case, bn):
         assert not torch.equal(again, fast)
 
 
+def test_small_map_too_small_for_the_kernel_still_raises():
+    # 1 + 2*1 - 3 - 1 < 0: no output row, even though one tap alone would fit
+    m = DynamicConv2d(4, 4, (4, 1), stride=(2, 1), padding=(1, 0), keep_ratio=0.5).eval()
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
+        m(torch.randn(1, 4, 1, 3))
+
+
 def test_native_plan_survives_copies_and_dtype_changes():
     m = DynamicConv2d(4, 6, 3, padding=1, keep_ratio=0.5).eval()
     x = torch.randn(1, 4, 5, 5)
