@@ -234,6 +234,8 @@ struct EvalPlan {
     if (x.scalar_type() != at::kFloat || stride.size() != 2 || padding.size() != 2 ||
         dilation.size() != 2)
       return c10::nullopt;
+    for (int d = 0; d < 2; ++d)  // bad geometry: the op reports it
+      if (stride[d] <= 0 || dilation[d] <= 0 || padding[d] < 0) return c10::nullopt;
     const int64_t H = x.size(2), W = x.size(3), kh = weight.size(2), kw = weight.size(3);
     const int64_t Ho = out_size(H, kh, stride[0], padding[0], dilation[0]);
     const int64_t Wo = out_size(W, kw, stride[1], padding[1], dilation[1]);

@@ -289,6 +289,12 @@ def test_small_map_too_small_for_the_kernel_still_raises():
         m(torch.randn(1, 4, 1, 3))
 
 
+def test_small_map_with_zero_stride_raises_value_error():
+    m = DynamicConv2d(4, 4, 3, stride=0, padding=1, keep_ratio=0.5).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="stride"):
+        m(torch.randn(1, 4, 1, 1))
+
+
 def test_native_plan_survives_copies_and_dtype_changes():
     m = DynamicConv2d(4, 6, 3, padding=1, keep_ratio=0.5).eval()
     x = torch.randn(1, 4, 5, 5)
