@@ -116,11 +116,11 @@ void pack_chunk(const float* weight, const Geometry& g, const CoutSample& s, int
     const __mmask16 m1 = left >= kCoutTile ? 0xFFFF
                          : left <= kLanes  ? 0
                                            : static_cast<__mmask16>((1u << (left - kLanes)) - 1);
-    const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + kLanes);
     if (taps == 1) {
       dst = pack_windows_1x1(weight, g.Cin, s, rows, m0, m1, i0, i1, dst);
       continue;
     }
+    const __m512i r0 = _mm512_loadu_si512(rows), r1 = _mm512_loadu_si512(rows + kLanes);
     for (int64_t i = i0; i < i1; ++i) {
       const float* base = weight + s.in_off[i];
       if (i + kPackPrefetch < s.kin) {  // 32 rows' lines per channel: fetch them early

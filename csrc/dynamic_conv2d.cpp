@@ -14,6 +14,7 @@
 #include "gated_conv2d.h"
 #include "output_pool.h"
 
+#include <array>
 #include <memory>
 #include <mutex>
 
@@ -95,13 +96,6 @@ TORCH_LIBRARY_IMPL(dynprune, CPU, m) {
 
 namespace dynprune {
 
-// Output size of a convolution along one dimension; 0 where the kernel does
-// not fit (a negative numerator: C++ division would round it towards zero).
-int64_t out_size(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
-  const int64_t span = size + 2 * pad - dil * (k - 1) - 1;
-  return span < 0 ? 0 : span / stride + 1;
-}
-
 // Taps [t0, t1) of one dimension of a kernel that read the input at some
 // output position; the others read only zero padding, for every output (a
 // 3x3 kernel with padding 1 on a 1x1 map: only the centre tap).
@@ -111,9 +105,8 @@ struct LiveTaps {
 LiveTaps live_taps(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil, int64_t out) {
   LiveTaps r{k, 0};
   for (int64_t t = 0; t < k; ++t) {
-    const int64_t first = t * dil - pad;  // input position at output 0
-    const int64_t o = first >= 0 ? 0 : (-first + stride - 1) / stride;  // first output inside
-    if (o < out && first + o * stride < size) {
+    const ColRange o = valid_columns(t * dil - pad, stride, size, out);
+    if (o.lo < o.hi) {
       r.t0 = std::min(r.t0, t);
       r.t1 = t + 1;
     }
@@ -155,7 +148,7 @@ struct EvalPlan {
   // size (see cropped_call), and what it was cut from.
   struct Crop {
     std::mutex mutex;
-    std::vector<int64_t> key;  // H, W, weight data pointer and version
+    std::array<int64_t, 4> key{-1, -1, -1, -1};  // H, W, weight data pointer and version
     at::Tensor weight;
   };
   std::shared_ptr<Crop> crop = std::make_shared<Crop>();
@@ -252,8 +245,8 @@ struct EvalPlan {
       return c10::nullopt;
     at::Tensor cut;
     {
-      const std::vector<int64_t> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
-                                     static_cast<int64_t>(weight._version())};
+      const std::array<int64_t, 4> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
+                                       static_cast<int64_t>(weight._version())};
       std::lock_guard<std::mutex> lock(crop->mutex);
       if (crop->key != key) {
         crop->weight = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();

@@ -75,8 +75,8 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
   g.Cout = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3);
   g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
   g.dh = dilation[0]; g.dw = dilation[1];
-  g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  g.Ho = out_size(g.H, g.kh, g.sh, g.ph, g.dh);
+  g.Wo = out_size(g.W, g.kw, g.sw, g.pw, g.dw);
   TORCH_CHECK_VALUE(g.H + 2 * g.ph >= g.dh * (g.kh - 1) + 1 &&
                         g.W + 2 * g.pw >= g.dw * (g.kw - 1) + 1,
                     "input ", g.H, "x", g.W, " with padding ", padding,

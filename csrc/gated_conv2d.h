@@ -4,6 +4,9 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace dynprune {
 
 // AVX-512 paths: on CPUs that have it (F, BW, VL, DQ), unless
@@ -22,6 +25,25 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& out_scale,
                       const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// Output size of a convolution or pool along one dimension; 0 where the
+// dilated kernel does not fit the padded input (C++ division would round a
+// negative span up to an output of 1).
+inline int64_t out_size(int64_t size, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  const int64_t span = size + 2 * pad - dil * (k - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+// Outputs [lo, hi) of n whose input position c0 + o * step lies in [0, size):
+// the others read padding.
+struct ColRange {
+  int64_t lo, hi;
+};
+inline ColRange valid_columns(int64_t c0, int64_t step, int64_t size, int64_t n) {
+  const int64_t lo = std::min(n, c0 >= 0 ? 0 : (-c0 + step - 1) / step);
+  const int64_t hi = std::max(lo, std::min(n, c0 >= size ? 0 : (size - 1 - c0) / step + 1));
+  return {lo, hi};
+}
 
 // An index tensor as contiguous int64, without a dispatcher call when it
 // already is one (the common case: ~0.5 us saved per call).

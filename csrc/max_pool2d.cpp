@@ -139,8 +139,7 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
                     "padding must be non-negative and at most half the kernel size");
   const at::Tensor in = x.contiguous();
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  const int64_t Ho = out_size(H, kh, sh, ph, dh), Wo = out_size(W, kw, sw, pw, dw);
   TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "input ", H, "x", W, " is too small for the pooling window");
   at::Tensor y = empty_output({N, C, Ho, Wo}, in.options());
   const float* ip = in.data_ptr<float>();

@@ -89,17 +89,6 @@ int64_t tile_vectors(int64_t q) {
   return q / kQBlock * (kQBlock / kLanes) + (q % kQBlock + kLanes - 1) / kLanes;
 }
 
-// Output columns [lo, hi) of n whose input column c0 + o * step lies in
-// [0, W): the rest of a copied row is padding.
-struct ColRange {
-  int64_t lo, hi;
-};
-ColRange valid_columns(int64_t c0, int64_t step, int64_t W, int64_t n) {
-  const int64_t lo = std::min(n, c0 >= 0 ? 0 : (-c0 + step - 1) / step);
-  const int64_t hi = std::max(lo, std::min(n, c0 >= W ? 0 : (W - 1 - c0) / step + 1));
-  return {lo, hi};
-}
-
 // Small stride-1 maps whose width the padding keeps (Wo == W) use a
 // "shifted" layout instead: per channel, kw copies of the rows (zero rows
 // above and below), copy s holding column ow + s*dw - pw at column ow. Wide

@@ -131,6 +131,14 @@ def test_maxpool_matches(shape, k, s, p, d, grad):
     assert got.requires_grad == grad
 
 
+def test_maxpool_window_larger_than_the_input_raises_like_pytorch():
+    x = torch.randn(1, 2, 2, 2)  # (2 - 3) / 2 + 1: no output, not one rounded up
+    with pytest.raises(RuntimeError):
+        nn.MaxPool2d(3, 2)(x)
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="too small"):
+        dnn.MaxPool2d(3, 2)(x)
+
+
 def test_maxpool_falls_back_for_other_inputs():
     x = torch.randn(2, 3, 9, 9)
     for pool, inp in [(dnn.MaxPool2d(3, 2, ceil_mode=True), x), (dnn.MaxPool2d(2), x.double()),
