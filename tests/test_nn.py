@@ -204,6 +204,44 @@ def test_conv2d_bn_folds_at_eval_and_trains_unchanged(groups):
     assert torch.equal(fused2.bn.running_mean, bn2.running_mean)
 
 
+@pytest.mark.parametrize("n,cin,cout,k,stride,padding,dilation,bias", [
+    (2, 3, 16, 7, 2, 3, 1, False), (3, 5, 9, 3, 1, 1, 2, True), (1, 4, 6, 1, 1, 0, 1, True),
+    (0, 3, 8, 3, 2, 1, 1, False), (2, 6, 5, 3, 2, 0, 1, True)])
+def test_conv2d_bn_native_path_matches_float64(monkeypatch, n, cin, cout, k, stride, padding,
+                                               dilation, bias):
+    # The threshold lowered so that small cases take the native dense path.
+    monkeypatch.setattr(dynprune.nn, "NATIVE_DENSE_MIN_BYTES", 0)
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias)
+    bn = nn.BatchNorm2d(cout)
+    randomize_bn(nn.Sequential(conv, bn))
+    fused = dynprune.Conv2dBN.from_conv(conv, bn).eval()
+    ref = nn.Sequential(conv, bn).eval().double()
+    x = torch.randn(n, cin, 17, 15)
+    x[:, 0] = 0.0  # an all-zero input channel is still read (dense semantics)
+    with torch.no_grad():
+        assert fused._native_pays(x, fused.weight) == (dynprune.backends()["cpu"] == "native")
+        y, expected = fused(x), ref(x.double())
+        assert y.shape == expected.shape and y.dtype == torch.float32
+        if n:
+            assert rel_err(y, expected) < 1e-5
+        y2 = fused(torch.randn(n + 1, cin, 17, 15))  # another batch size
+        assert y2.shape[0] == n + 1
+
+
+def test_conv2d_bn_native_threshold():
+    conv, bn = nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8)
+    randomize_bn(nn.Sequential(conv, bn))
+    fused = dynprune.Conv2dBN.from_conv(conv, bn).eval()
+    ref = nn.Sequential(conv, bn).eval().double()
+    big = torch.randn(1, 1, 1024, 1024)  # a 32 MB output: the native path
+    with torch.no_grad():
+        assert not fused._native_pays(big[:, :, :512], fused.weight)
+        assert fused._native_pays(big, fused.weight) == (dynprune.backends()["cpu"] == "native")
+        assert rel_err(fused(big).double(), ref(big.double())) < 1e-5
+    with torch.enable_grad():  # autograd: F.conv2d
+        assert not fused._native_pays(big, fused.weight)
+
+
 def test_conv2d_bn_rejects_bn_without_running_stats():
     with pytest.raises(ValueError, match="running statistics"):
         dynprune.Conv2dBN.from_conv(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
