@@ -25,6 +25,8 @@ SHAPES = [  # (in channels, out channels, map size, kernel, stride)
     (256, 512, 2, 3, 2),  # stride 2 to a one-pixel output (2x2 of the taps read the map)
     # 1x1 convs of ResNet-50 and MobileNetV2 blocks
     (1024, 256, 14, 1, 1), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (24, 144, 56, 1, 1),
+    (256, 64, 56, 1, 1), (64, 256, 56, 1, 1), (128, 512, 28, 1, 1), (512, 128, 28, 1, 1),
+    (256, 1024, 14, 1, 1),
 ]
 
 

@@ -1137,6 +1137,29 @@ def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
 # --------------------------------------------------------------------------- output memory
 
 
+@pytest.mark.parametrize("n,size,offset", [(1, 96, 0), (2, 65, 0), (16, 33, 0), (2, 65, 3)])
+def test_large_output_zero_rows_are_exact(n, size, offset):
+    """Outputs of 2 MB and more get their pruned rows from streaming stores
+    (rows of 1089 and 4225 floats start off the 64-byte lines; `offset` also
+    misaligns the buffer itself). NaN-poisoned buffer: every zero must land,
+    on the batch-1 schedule and with samples run whole."""
+    g = torch.Generator().manual_seed(size + n + offset)
+    cin, cout, k = 6, 512 // n if n < 16 else 32, 5
+    x = torch.randn(n, cin, size, size, generator=g)
+    weight = torch.randn(cout, cin, 1, 1, generator=g)
+    oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
+    s = torch.rand(n, k, generator=g)
+    case = Case(x, weight, None, oi, s, None, (1, 1), (0, 0), (1, 1), False)
+    assert n * cout * size * size >= 1 << 19
+    flat = torch.full((n * cout * size * size + offset,), float("nan"))
+    out = flat[offset:].view(n, cout, size, size)
+    with torch_threads(2):
+        torch.ops.dynprune.gated_conv2d.out(*case.args(), out=out)
+    assert_matches_reference(out, case)
+    pruned = torch.ones(n, cout, dtype=torch.bool).scatter(1, oi, False)
+    assert (out[pruned] == 0).all()
+
+
 def _native_cpu() -> bool:
     return dynprune.backends()["cpu"] == "native"
 
