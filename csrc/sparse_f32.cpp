@@ -881,13 +881,13 @@ void gate_rows(const float* gw, const float* gb, const double* means, int64_t N,
 }
 
 // Zeros n floats at p with streaming stores over the whole 64-byte lines.
+// The caller fences (zeros_done) before other threads may read them.
 __attribute__((target("arch=x86-64-v4"))) void zero_streaming(float* p, int64_t n) {
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 63) != 0; ++i) p[i] = 0.f;
   const __m512 z = _mm512_setzero_ps();
   for (; i + kLanes <= n; i += kLanes) _mm512_stream_ps(p + i, z);
   for (; i < n; ++i) p[i] = 0.f;
-  _mm_sfence();
 }
 
 // Loads a word of every cache line in [p, end): brings a slice of a weight
@@ -1184,17 +1184,22 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   };
   // Zero rows of outputs larger than the L2s are written with streaming
   // stores: no line is read for ownership, and the zeros do not evict data
-  // (the next layer of a network skips those channels). A/B old/new time:
-  // 64->256 1x1 on 56x56 1.07-1.20 (batch 1) and 1.12 (batch 16), 128->512
-  // on 28x28 1.06 (batch 16); ResNet-18, VGG-16 0.999-1.007. Rows under 1 KB
-  // would stream partial lines; small outputs are read back from the caches
-  // (ResNet-20, whose residual adds read every channel: 0.987 at batch 1
-  // when its 4 KB rows streamed).
-  const bool stream_zeros = has_avx512() && Qout >= 256 && N * Cout * Qout >= (int64_t{1} << 19);
+  // (the next layer of a network skips those channels). One fence per batch
+  // of rows (a fence per row cost 0.93-0.99 on 14x14 maps). A/B old/new
+  // time: 64->256 1x1 on 56x56 1.07-1.20 (batch 1) and 1.12 (batch 16),
+  // 128->512 on 28x28 1.06 and 14x14 layers 1.01-1.04 (batch 16); ResNet-18
+  // and VGG-16 0.998-1.03. Streaming also 7x7 rows (a few whole lines
+  // each): 0.92 on 512->2048 at batch 16. Small outputs are read back from
+  // the caches (ResNet-20, whose residual adds read every channel: 0.987 at
+  // batch 1 when its 4 KB rows streamed).
+  const bool stream_zeros = has_avx512() && Qout >= 128 && N * Cout * Qout >= (int64_t{1} << 19);
   auto zero_row = [&](int64_t t) {  // A4: exact zeros in a pruned output row
     if (plans[t / Cout].out_kept[t % Cout]) return;
     if (stream_zeros) zero_streaming(yp + t * Qout, Qout);
     else std::fill_n(yp + t * Qout, Qout, 0.f);
+  };
+  auto zeros_done = [&] {  // orders the streaming stores before what follows
+    if (stream_zeros) _mm_sfence();
   };
   const bool compute = k > 0 && Qout > 0;
   // Small inputs run the set-up phases (A1-A4) on the calling thread: cheaper
@@ -1327,6 +1332,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     }
     for (int64_t n = 0; n < N; ++n) plan_sample(n, ws.orders[0].data(), 0);
     for (int64_t t = 0; t < N * Cout; ++t) zero_row(t);
+    zeros_done();
     if (!compute) return;
     // A GEMM too small to pay for waking the other threads runs here too.
     int64_t macs = 0;
@@ -1369,6 +1375,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         }
         plan_sample(n, order, worker);
         for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
+        zeros_done();
         if (compute && cout_vec) {
           cout_vector_tiles(wp, g, cout_sample(n), 0, tiles, relu, yp + n * Cout * Qout,
                             ws.packs[omp_get_thread_num()].data(), cbuf);
@@ -1395,8 +1402,10 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       // A3, A4: per sample plans; zeros in pruned rows.
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) plan_sample(n, order, worker);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
       for (int64_t t = 0; t < N * Cout; ++t) zero_row(t);
+      zeros_done();
+#pragma omp barrier
       // B: the GEMM. Blocks vary in cost (the last one is short): qb varies
       // fastest, so each thread's contiguous share holds whole (sample, part) rows.
       if (compute) {

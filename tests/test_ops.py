@@ -1137,14 +1137,17 @@ def test_in_idx_none_detects_one_value_anywhere_in_a_large_plane(pos):
 # --------------------------------------------------------------------------- output memory
 
 
-@pytest.mark.parametrize("n,size,offset", [(1, 96, 0), (2, 65, 0), (16, 33, 0), (2, 65, 3)])
-def test_large_output_zero_rows_are_exact(n, size, offset):
+@pytest.mark.parametrize("n,size,cout,offset", [
+    (1, 96, 512, 0), (2, 65, 256, 0), (16, 33, 32, 0), (2, 65, 256, 3), (16, 12, 256, 0),
+    (3, 14, 1024, 5)])
+def test_large_output_zero_rows_are_exact(n, size, cout, offset):
     """Outputs of 2 MB and more get their pruned rows from streaming stores
-    (rows of 1089 and 4225 floats start off the 64-byte lines; `offset` also
-    misaligns the buffer itself). NaN-poisoned buffer: every zero must land,
-    on the batch-1 schedule and with samples run whole."""
+    (rows of 144, 196, 1089 and 4225 floats start off the 64-byte lines;
+    `offset` also misaligns the buffer itself). NaN-poisoned buffer: every
+    zero must land, with samples run whole (N = 2, 16) and on the shared
+    schedule (N = 1, 3)."""
     g = torch.Generator().manual_seed(size + n + offset)
-    cin, cout, k = 6, 512 // n if n < 16 else 32, 5
+    cin, k = 6, 5
     x = torch.randn(n, cin, size, size, generator=g)
     weight = torch.randn(cout, cin, 1, 1, generator=g)
     oi = torch.stack([torch.sort(torch.randperm(cout, generator=g)[:k]).values for _ in range(n)])
