@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dynprune
 from dynprune import DynamicConv2d
 
-from zoo import ZOO, TinyResNet, randomize_bn
+from zoo import ZOO, randomize_bn, tiny_resnet
 
 
 def rel_err(a, b):
@@ -392,7 +392,7 @@ def test_convert_half_prunes_and_trains(name):
 
 
 def test_convert_fuses_bn_and_zeros_survive():
-    model = randomize_bn(TinyResNet()).eval()
+    model = randomize_bn(tiny_resnet()).eval()
     dynprune.convert(model, keep_ratio=0.5)
     block = model.layers[1]
     assert isinstance(block.conv1, DynamicConv2d) and block.conv1.bn is not None
@@ -446,7 +446,7 @@ def test_flops_counts_skipped_channels():
 
 
 def test_torch_compile_converted_model():
-    model = randomize_bn(TinyResNet())
+    model = randomize_bn(tiny_resnet())
     dynprune.convert(model, keep_ratio=0.5).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

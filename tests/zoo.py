@@ -1,5 +1,6 @@
-"""Small models written the way other projects write them (torchvision style),
-for checking that convert() works on code it has never seen."""
+"""Models written the way other projects write them (torchvision style), for
+checking that convert() works on code it has never seen: small ones for the
+tests (ZOO), full-size ones for benchmarks/foreign_models.py."""
 import torch
 import torch.nn as nn
 
@@ -35,35 +36,59 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision writes it
+        return self.relu(out)
 
 
-class TinyResNet(nn.Module):
-    def __init__(self, widths=(8, 16, 32), num_classes=10):
+class ResNet(nn.Module):
+    """Stages of BasicBlocks; the first block of each later stage halves the map.
+    ``imagenet_stem``: 7x7 stride-2 conv and a max-pool (else one 3x3 conv)."""
+
+    def __init__(self, widths=(8, 16, 32), blocks=1, imagenet_stem=False, num_classes=10):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        if imagenet_stem:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
         layers, inplanes = [], widths[0]
         for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None
-            if stride != 1 or inplanes != w:
-                down = nn.Sequential(nn.Conv2d(inplanes, w, 1, stride, bias=False), nn.BatchNorm2d(w))
-            layers.append(BasicBlock(inplanes, w, stride, down))
-            inplanes = w
+            for j in range(blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                down = None
+                if stride != 1 or inplanes != w:
+                    down = nn.Sequential(nn.Conv2d(inplanes, w, 1, stride, bias=False),
+                                         nn.BatchNorm2d(w))
+                layers.append(BasicBlock(inplanes, w, stride, down))
+                inplanes = w
         self.layers = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def tiny_vgg(num_classes=10):
-    cfg, layers, c = [8, "M", 16, 16, "M", 32], [], 3
+def tiny_resnet(num_classes=10):
+    return ResNet(num_classes=num_classes)
+
+
+def resnet18(num_classes=1000):
+    """torchvision's ResNet-18 layout (224x224 input)."""
+    return ResNet((64, 128, 256, 512), 2, imagenet_stem=True, num_classes=num_classes)
+
+
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+             512, 512, 512, "M"]
+
+
+def vgg_bn(num_classes=10, cfg=(8, "M", 16, 16, "M", 32)):
+    """A VGG with BatchNorm from a config list (VGG16_CFG: VGG-16 for 32x32 input)."""
+    layers, c = [], 3
     for v in cfg:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
@@ -78,8 +103,10 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = inp * expand
         self.use_res = stride == 1 and inp == oup
+        expand_layers = [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                         nn.ReLU6(inplace=True)] if expand != 1 else []
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            *expand_layers,
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),  # depthwise
             nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
             nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
@@ -95,6 +122,23 @@ def tiny_mobilenet(num_classes=10):
         InvertedResidual(8, 8, 1, 2), InvertedResidual(8, 16, 2, 2), InvertedResidual(16, 16, 1, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
     )
+
+
+def mobilenet_v2(num_classes=1000):
+    """torchvision's MobileNetV2 layout (224x224 input)."""
+    def conv_bn_relu6(cin, cout, kernel, stride):
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)]
+    layers, c = conv_bn_relu6(3, 32, 3, 2), 32
+    # (expansion, channels, blocks, first stride)
+    for t, out, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            layers.append(InvertedResidual(c, out, s if i == 0 else 1, t))
+            c = out
+    layers += conv_bn_relu6(c, 1280, 1, 1)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                         nn.Linear(1280, num_classes))
 
 
 class DenseLayer(nn.Module):
@@ -132,8 +176,8 @@ class TinyDenseNet(nn.Module):
 
 
 ZOO = {
-    "resnet": TinyResNet,
-    "vgg": tiny_vgg,
+    "resnet": tiny_resnet,
+    "vgg": vgg_bn,
     "mobilenet": tiny_mobilenet,
     "densenet": TinyDenseNet,
 }
