@@ -306,4 +306,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_nchw", &dynprune::max_pool2d_nchw, pybind11::arg("x"), pybind11::arg("kernel"),
         pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
         "Max pool of a 4-D float32 CPU tensor in NCHW (no indices, floor mode); no autograd");
+  m.def("global_avg_pool2d_nchw", &dynprune::global_avg_pool2d_nchw, pybind11::arg("x"),
+        "Mean over H and W of a 4-D float32 CPU tensor, as [N, C, 1, 1]; no autograd");
+  m.def("linear_small_batch", &dynprune::linear_small_batch, pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
+        "x @ weight.T + bias for a 2-D float32 CPU x, rows split over the threads; no autograd");
 }

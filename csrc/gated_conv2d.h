@@ -82,4 +82,10 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
                            std::vector<int64_t> stride, std::vector<int64_t> padding,
                            std::vector<int64_t> dilation);
 
+// A network's head at small batch (head_ops.cpp), for dynprune.nn's
+// AdaptiveAvgPool2d (output 1x1) and Linear; no autograd.
+at::Tensor global_avg_pool2d_nchw(const at::Tensor& x);
+at::Tensor linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias);
+
 }  // namespace dynprune

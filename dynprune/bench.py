@@ -175,7 +175,7 @@ def model_case(name: str, batch: int, reductions=REDUCTIONS, seed: int = 0) -> d
     executed MACs) and the statically thinner model with the same MACs (width
     found likewise): the physical limit."""
     from dynprune import convert, flops
-    from dynprune.convert import _fast_pools
+    from dynprune.convert import _fast_ops
     from dynprune.models import MODELS
 
     make, shape, classes = MODELS[name]
@@ -185,7 +185,7 @@ def model_case(name: str, batch: int, reductions=REDUCTIONS, seed: int = 0) -> d
     probe = x[:1]
     dense_macs = flops(dense, probe).dense_macs
     pooled = _clone(dense)
-    _fast_pools(pooled)
+    _fast_ops(pooled)
     case = {"x": x, "dense": lambda: dense(x), "dense_pool": lambda: pooled(x), "rows": []}
     for red in reductions:
         def executed(keep):
@@ -198,7 +198,7 @@ def model_case(name: str, batch: int, reductions=REDUCTIONS, seed: int = 0) -> d
             return flops(make(num_classes=classes, width=w).eval(), probe).dense_macs / dense_macs
         width = round(_bisect(static_ratio, dyn_ratio, 0.05, 1.0, 10), 3)
         static = make(num_classes=classes, width=width).eval()
-        _fast_pools(static)  # the limit gets the same pool as the fast path
+        _fast_ops(static)  # the limit gets the same pool as the fast path
         case["rows"].append({"reduction": red, "keep": keep, "executed": dyn_ratio,
                              "width": width, "static_macs": static_ratio(width)})
         case[("dynamic", red)] = (lambda m: lambda: m(x))(dyn)
@@ -264,7 +264,7 @@ def run_models(names, batches, budget_s: float) -> List[dict]:
 def demo() -> None:
     """Convert a ResNet-18, show outputs match at keep 1, time keep 0.5."""
     from dynprune import convert, flops
-    from dynprune.convert import _fast_pools
+    from dynprune.convert import _fast_ops
     from dynprune.models import resnet18
 
     torch.manual_seed(0)
@@ -278,7 +278,7 @@ def demo() -> None:
         half = convert(_clone(model), keep_ratio=0.5).eval()
         report = flops(half, x)
         pooled = _clone(model)
-        _fast_pools(pooled)  # the fast path's max-pool alone, to separate its share
+        _fast_ops(pooled)  # the fast path's max-pool alone, to separate its share
         t = interleaved_medians({"dense": lambda: model(x), "pool": lambda: pooled(x),
                                  "half": lambda: half(x)}, 3.0)
         t_dense, t_pool, t_half = t["dense"], t["pool"], t["half"]

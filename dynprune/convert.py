@@ -124,13 +124,25 @@ def _fuse_relus(model: nn.Module) -> int:
     return fused
 
 
-def _fast_pools(model: nn.Module) -> None:
-    """nn.MaxPool2d -> dynprune.nn.MaxPool2d (same result, faster NCHW on CPU)."""
+def _fast_ops(model: nn.Module) -> None:
+    """The fast path's versions of the dense ops around the convs (same results):
+    nn.MaxPool2d -> dynprune.nn.MaxPool2d (new module), and, by a class change
+    that keeps their parameters, hooks and state_dict, nn.AdaptiveAvgPool2d ->
+    dynprune.nn.AdaptiveAvgPool2d and nn.Linear -> dynprune.nn.Linear (not the
+    gates' own layers: the kernels read their parameters directly)."""
+    gate_parts = {id(m) for gate in model.modules() if isinstance(gate, dnn.ChannelGate)
+                  for m in gate.modules()}
     for name, mod in list(model.named_modules()):
+        if id(mod) in gate_parts:
+            continue
         if type(mod) is nn.MaxPool2d:
             new = dnn.MaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                                 mod.return_indices, mod.ceil_mode)
             _set_submodule(model, name, new)
+        elif type(mod) is nn.AdaptiveAvgPool2d:
+            mod.__class__ = dnn.AdaptiveAvgPool2d
+        elif type(mod) is nn.Linear:
+            mod.__class__ = dnn.Linear
 
 
 def _convertible(conv: nn.Conv2d) -> bool:
@@ -166,8 +178,10 @@ def convert(
             call: a ReLU that alone consumes a converted conv's output runs in
             the kernel's epilogue, each conv hands its kept channels to the
             next one that reads its output unmodified (as the input channel
-            list), and nn.MaxPool2d pools through channels_last (PyTorch's
-            NCHW CPU pool is several times slower). Training is unchanged.
+            list), nn.MaxPool2d runs a native NCHW pool (PyTorch's NCHW CPU
+            pool is several times slower), and a global nn.AdaptiveAvgPool2d
+            and nn.Linear at batch <= 4 run native kernels (PyTorch's come back
+            cold after the convs). Training is unchanged.
 
     Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
     padding_mode are left dense. Freshly converted gates are neutral (scale 1)
@@ -199,5 +213,5 @@ def convert(
             _set_submodule(model, bn_name, nn.Identity())
     if fast_path:
         _fuse_relus(model)
-        _fast_pools(model)
+        _fast_ops(model)
     return model

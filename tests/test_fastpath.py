@@ -170,3 +170,114 @@ def test_inference_mode_and_grad_mode_agree():
     c.sum().backward()
     assert rel_err(b, a) < 1e-6 and rel_err(c.detach(), a) < 1e-6
     assert model.layer1[0].conv1.weight.grad is not None
+
+
+# ------------------------------------------------------------- the network head
+
+
+def count_calls(monkeypatch, name):
+    """Counts the calls of dynprune.nn's native entry ``name`` (if built)."""
+    calls = []
+    fn = getattr(dnn, name)
+    if fn is not None:
+        monkeypatch.setattr(dnn, name, lambda *a: calls.append(1) or fn(*a))
+    return calls, fn is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 7, 7), (3, 5, 1, 1), (2, 17, 3, 11), (0, 4, 2, 2),
+                                   (16, 64, 8, 8)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_global_avg_pool_matches_float64_mean(shape, layout, monkeypatch):
+    calls, native = count_calls(monkeypatch, "_global_avg_pool2d_nchw")
+    x = torch.randn(*shape) * 3 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], shape[1] + 2, shape[2], shape[3])[:, 1:-1]
+    pool = dnn.AdaptiveAvgPool2d(1)
+    with torch.no_grad():
+        got = pool(x)
+    ref = x.double().mean((2, 3), keepdim=True)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    if ref.numel():
+        assert (got.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item() + 1e-7
+    assert len(calls) == native  # the native path, where built
+
+
+def test_global_avg_pool_falls_back_and_keeps_autograd():
+    x = torch.randn(2, 3, 6, 5)
+    for size, inp in [((2, 1), x), (1, x.double()), ((1, None), x)]:
+        assert torch.equal(dnn.AdaptiveAvgPool2d(size)(inp), nn.AdaptiveAvgPool2d(size)(inp))
+    xg = x.clone().requires_grad_()
+    dnn.AdaptiveAvgPool2d((1, 1))(xg).sum().backward()
+    assert torch.allclose(xg.grad, torch.full_like(x, 1 / 30))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sizes", [(512, 1000), (7, 5), (1280, 1000), (513, 1001)])
+def test_small_batch_linear_matches_float64(n, bias, sizes, monkeypatch):
+    calls, native = count_calls(monkeypatch, "_linear_small_batch")
+    fc = dnn.Linear(*sizes, bias=bias)
+    x = torch.randn(n, sizes[0] + 3)[:, 2:-1]  # not contiguous
+    with torch.no_grad():
+        got = fc(x)
+    ref = torch.nn.functional.linear(x.double(), fc.weight.double(),
+                                     fc.bias.double() if bias else None)
+    assert got.shape == (n, sizes[1]) and got.dtype == torch.float32 and len(calls) == native
+    if n:
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6
+
+
+def test_linear_falls_back_for_large_batches_other_ranks_and_autograd():
+    fc = dnn.Linear(32, 8)
+    ref = nn.Linear(32, 8)
+    ref.load_state_dict(fc.state_dict())
+    for x in [torch.randn(dnn.LINEAR_NATIVE_MAX_BATCH + 1, 32), torch.randn(2, 3, 32),
+              torch.randn(2, 32).double()]:
+        with torch.no_grad():
+            if x.dtype == torch.float64:
+                fc.double(), ref.double()
+            assert torch.equal(fc(x), ref(x))
+    fc.float()
+    x = torch.randn(1, 32, requires_grad=True)
+    fc(x).sum().backward()  # grad mode: nn.Linear, differentiable
+    assert x.grad is not None and fc.weight.grad is not None
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            fc(torch.randn(1, 31))  # wrong width: nn.Linear's error
+
+
+def test_native_head_ops_reject_bad_input():
+    if dnn._linear_small_batch is None:
+        pytest.skip("native extension not built")
+    with pytest.raises(ValueError, match="2-D"):
+        dnn._linear_small_batch(torch.randn(2, 3, 4), torch.randn(5, 4), None)
+    with pytest.raises(ValueError, match="weight must be"):
+        dnn._linear_small_batch(torch.randn(2, 4), torch.randn(5, 3), None)
+    with pytest.raises(TypeError, match="float32"):
+        dnn._linear_small_batch(torch.randn(2, 4).double(), torch.randn(5, 4).double(), None)
+    with pytest.raises(ValueError, match="bias must be"):
+        dnn._linear_small_batch(torch.randn(2, 4), torch.randn(5, 4), torch.randn(4))
+    with pytest.raises(ValueError, match="4-D"):
+        dnn._global_avg_pool2d_nchw(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="float32"):
+        dnn._global_avg_pool2d_nchw(torch.randn(2, 3, 4, 4).double())
+
+
+def test_convert_gives_the_head_fast_ops_and_keeps_parameters_and_hooks():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    ref = copy.deepcopy(model).eval()
+    seen = []
+    model[4].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    weight, keys = model[4].weight, set(model.state_dict())
+    dynprune.convert(model, keep_ratio=1.0)
+    assert type(model[2]) is dnn.AdaptiveAvgPool2d and type(model[4]) is dnn.Linear
+    assert model[4].weight is weight and keys <= set(model.state_dict())
+    gate_fc = model[1].gate.fc
+    assert type(gate_fc) is nn.Linear  # the gates' own layers are left alone
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x), ref(x)) < 1e-5
+    assert seen == [torch.Size([1, 4])]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynprune.convert import _fast_pools, convert
+from dynprune.convert import _fast_ops, convert
 from dynprune.fl.data import Dataset, DatasetError, load_dataset
 from dynprune.fl.evaluate import accuracy, executed_macs, latency
 from dynprune.fl.fedavg import fedavg_round, local_train, sample_clients
@@ -345,7 +345,7 @@ def _measure(cfg: Config, prep: Prepared, state: dict, log) -> dict:
     dense = build_model(cfg, prep.data)
     dense.load_state_dict(done["dense"]["model"])
     dense_pool = copy.deepcopy(dense)
-    _fast_pools(dense_pool)  # the channels_last max-pool the fast path also uses
+    _fast_ops(dense_pool)  # the channels_last max-pool the fast path also uses
     macs_x = prep.x_test[:256]
     dense_macs = executed_macs(dense, macs_x)["dense_macs"]
     timed = {"dense": dense, "dense_pool": dense_pool}
