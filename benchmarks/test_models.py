@@ -1,7 +1,8 @@
 """Whole-network speed: dense model vs converted model (fast path) vs a statically
 thinner model with the same executed MACs (the limit), at ~50% and ~75% fewer
-executed MACs. "dense_pool" is the dense model with the fast path's max-pool, to
-show how much of the speedup comes from pruning alone.
+executed MACs. "dense_pool" is the dense model with the fast path's dense ops
+(max-pool, global average pool, classifier at small batch), to show how much of
+the speedup comes from pruning alone.
 
 One benchmark per (model, batch): each round runs every provider once, in turn
 (dynprune.bench.interleaved_medians), so the drift of a shared machine hits

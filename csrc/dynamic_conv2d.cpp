@@ -311,4 +311,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_batch", &dynprune::linear_small_batch, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
         "x @ weight.T + bias for a 2-D float32 CPU x, rows split over the threads; no autograd");
+  m.def("head_avg_pool", &dynprune::head_avg_pool, pybind11::arg("x"),
+        "global_avg_pool2d_nchw(x) for a 4-D float32 CPU x without autograd, else None");
+  m.def("head_linear", &dynprune::head_linear, pybind11::arg("x"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("max_batch"),
+        "linear_small_batch for a float32 CPU batch of at most max_batch rows without "
+        "autograd, else None");
 }

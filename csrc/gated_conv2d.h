@@ -87,5 +87,9 @@ at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
 at::Tensor global_avg_pool2d_nchw(const at::Tensor& x);
 at::Tensor linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
+// The same where they apply, else nullopt (see head_ops.cpp).
+c10::optional<at::Tensor> head_avg_pool(const at::Tensor& x);
+c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias, int64_t max_batch);
 
 }  // namespace dynprune

@@ -89,13 +89,18 @@ at::Tensor global_avg_pool2d_nchw(const at::Tensor& x_in) {
   const float* p = x.data_ptr<float>();
   float* q = y.data_ptr<float>();
   // Sums in float64, rounded once: at least as close to the exact mean as
-  // ATen's float32 cascade.
-  at::parallel_for(0, planes, std::max<int64_t>(1, (int64_t{1} << 16) / P), [&](int64_t a, int64_t e) {
+  // ATen's float32 cascade. Four partial sums: one chain of dependent adds
+  // made the 512x7x7 head latency-bound.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / P);
+  at::parallel_for(0, planes, grain, [&](int64_t a, int64_t e) {
     for (int64_t t = a; t < e; ++t) {
       const float* r = p + t * P;
-      double s = 0.0;
-      for (int64_t i = 0; i < P; ++i) s += r[i];
-      q[t] = static_cast<float>(s / static_cast<double>(P));
+      double s[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t i = 0;
+      for (; i + 4 <= P; i += 4)
+        for (int u = 0; u < 4; ++u) s[u] += r[i + u];
+      for (; i < P; ++i) s[0] += r[i];
+      q[t] = static_cast<float>(((s[0] + s[1]) + (s[2] + s[3])) / static_cast<double>(P));
     }
   });
   return y;
@@ -138,6 +143,40 @@ at::Tensor linear_small_batch(const at::Tensor& x_in, const at::Tensor& weight_i
     linear_rows(wp, bp, xp, N, I, O, r0, r1, yp);
   }
   return y;
+}
+
+// The modules' entry points: the op where it applies (float32 CPU tensors of
+// the right rank, no gradient wanted, a small batch for the classifier), else
+// None for the module to run PyTorch's (which also reports bad input). One
+// native call in place of the Python checks, which at batch 1 run cold after
+// the convs (~50 us of the classifier's ~100 inside ResNet-18).
+namespace {
+bool wants_grad(std::initializer_list<const at::Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : ts)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+bool float32_cpu(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.device().is_cpu();
+}
+}  // namespace
+
+c10::optional<at::Tensor> head_avg_pool(const at::Tensor& x) {
+  if (x.dim() != 4 || !float32_cpu(x) || x.size(2) * x.size(3) == 0 || wants_grad({&x}))
+    return c10::nullopt;
+  return global_avg_pool2d_nchw(x);
+}
+
+c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias, int64_t max_batch) {
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  if (x.dim() != 2 || x.size(0) > max_batch || weight.dim() != 2 ||
+      weight.size(1) != x.size(1) || !float32_cpu(x) || !float32_cpu(weight) ||
+      (b.defined() && (!float32_cpu(b) || b.dim() != 1 || b.size(0) != weight.size(0))) ||
+      wants_grad({&x, &weight, &b}))
+    return c10::nullopt;
+  return linear_small_batch(x, weight, bias);
 }
 
 }  // namespace dynprune

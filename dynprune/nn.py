@@ -500,11 +500,11 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
 _DYNAMIC_CONV2D = torch.ops.dynprune.dynamic_conv2d.default
 try:  # the native extension's eval entry points (None: the reference backend)
     from dynprune._C import EvalPlan as _EvalPlan
-    from dynprune._C import global_avg_pool2d_nchw as _global_avg_pool2d_nchw
-    from dynprune._C import linear_small_batch as _linear_small_batch
+    from dynprune._C import head_avg_pool as _head_avg_pool
+    from dynprune._C import head_linear as _head_linear
     from dynprune._C import max_pool2d_nchw as _max_pool2d_nchw
 except Exception:  # missing or broken build: ops.py has warned once already
-    _EvalPlan = _max_pool2d_nchw = _global_avg_pool2d_nchw = _linear_small_batch = None
+    _EvalPlan = _max_pool2d_nchw = _head_avg_pool = _head_linear = None
 
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
@@ -570,32 +570,22 @@ class MaxPool2d(nn.MaxPool2d):
         return y.contiguous()
 
 
-def _native_head_call(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether a head op (pool, classifier) may take its native path for x:
-    CPU float32, no autograd wanted, not while torch.compile traces."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad
-                                    or any(p is not None and p.requires_grad for p in params)):
-        return False
-    return not torch.compiler.is_compiling()
-
-
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """nn.AdaptiveAvgPool2d with a native path for the global pool (output 1x1).
 
     Inside a network at batch 1 PyTorch's pool comes back cold after the
-    convs and took ~110 us on ResNet-18's 512x7x7 head, against ~30 us
-    natively (``dynprune._C.global_avg_pool2d_nchw``: float64 sums, rounded
-    once). Other output sizes, dtypes or devices, or autograd: nn.AdaptiveAvgPool2d.
+    convs: ~110 us on ResNet-18's 512x7x7 head, ~33 us natively
+    (``dynprune._C.head_avg_pool``: float64 sums, rounded once). Applies to
+    float32 CPU input without autograd; otherwise (other output sizes too)
+    nn.AdaptiveAvgPool2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.output_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if (_global_avg_pool2d_nchw is not None and size == (1, 1) and x.dim() == 4
-                and x.shape[2] * x.shape[3] > 0 and _native_head_call(x)):
-            return _global_avg_pool2d_nchw(x)
+        if (_head_avg_pool is not None and type(x) is torch.Tensor
+                and self.output_size in (1, (1, 1), [1, 1]) and not torch.compiler.is_compiling()):
+            y = _head_avg_pool(x)  # None where it does not apply
+            if y is not None:
+                return y
         return super().forward(x)
 
 
@@ -609,19 +599,20 @@ class Linear(nn.Linear):
 
     At batch 1 PyTorch runs MKL's gemv on one thread, with the weight cold
     after the convs: ResNet-18's 512 -> 1000 classifier took ~270 us inside
-    the network, and ~60 us with the rows split over the threads
-    (``dynprune._C.linear_small_batch``). 2-D inputs of at most
+    the network, ~100 us with the rows split over the threads
+    (``dynprune._C.head_linear``). 2-D inputs of at most
     :data:`LINEAR_NATIVE_MAX_BATCH` rows, without autograd; otherwise nn.Linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
-        if (_linear_small_batch is not None and x.dim() == 2
-                and x.shape[0] <= LINEAR_NATIVE_MAX_BATCH and x.shape[1] == self.in_features
-                and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and (bias is None or bias.dtype == torch.float32)
-                and _native_head_call(x, weight, bias)):
-            return _linear_small_batch(x, weight, bias)
+        # The checks are native (one call): at batch 1 this code runs cold
+        # after the convs, where each Python-level check cost 6-27 us.
+        if _head_linear is not None and type(x) is torch.Tensor \
+                and not torch.compiler.is_compiling():
+            p = self._parameters
+            y = _head_linear(x, p["weight"], p["bias"], LINEAR_NATIVE_MAX_BATCH)
+            if y is not None:
+                return y
         return super().forward(x)
 
 

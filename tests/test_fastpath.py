@@ -188,7 +188,7 @@ def count_calls(monkeypatch, name):
                                    (16, 64, 8, 8)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_global_avg_pool_matches_float64_mean(shape, layout, monkeypatch):
-    calls, native = count_calls(monkeypatch, "_global_avg_pool2d_nchw")
+    calls, native = count_calls(monkeypatch, "_head_avg_pool")
     x = torch.randn(*shape) * 3 + 1
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -217,7 +217,7 @@ def test_global_avg_pool_falls_back_and_keeps_autograd():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("sizes", [(512, 1000), (7, 5), (1280, 1000), (513, 1001)])
 def test_small_batch_linear_matches_float64(n, bias, sizes, monkeypatch):
-    calls, native = count_calls(monkeypatch, "_linear_small_batch")
+    calls, native = count_calls(monkeypatch, "_head_linear")
     fc = dnn.Linear(*sizes, bias=bias)
     x = torch.randn(n, sizes[0] + 3)[:, 2:-1]  # not contiguous
     with torch.no_grad():
@@ -249,20 +249,33 @@ def test_linear_falls_back_for_large_batches_other_ranks_and_autograd():
 
 
 def test_native_head_ops_reject_bad_input():
-    if dnn._linear_small_batch is None:
+    if dnn._head_linear is None:
         pytest.skip("native extension not built")
+    from dynprune import _C
     with pytest.raises(ValueError, match="2-D"):
-        dnn._linear_small_batch(torch.randn(2, 3, 4), torch.randn(5, 4), None)
+        _C.linear_small_batch(torch.randn(2, 3, 4), torch.randn(5, 4), None)
     with pytest.raises(ValueError, match="weight must be"):
-        dnn._linear_small_batch(torch.randn(2, 4), torch.randn(5, 3), None)
+        _C.linear_small_batch(torch.randn(2, 4), torch.randn(5, 3), None)
     with pytest.raises(TypeError, match="float32"):
-        dnn._linear_small_batch(torch.randn(2, 4).double(), torch.randn(5, 4).double(), None)
+        _C.linear_small_batch(torch.randn(2, 4).double(), torch.randn(5, 4).double(), None)
     with pytest.raises(ValueError, match="bias must be"):
-        dnn._linear_small_batch(torch.randn(2, 4), torch.randn(5, 4), torch.randn(4))
+        _C.linear_small_batch(torch.randn(2, 4), torch.randn(5, 4), torch.randn(4))
     with pytest.raises(ValueError, match="4-D"):
-        dnn._global_avg_pool2d_nchw(torch.randn(2, 3, 4))
+        _C.global_avg_pool2d_nchw(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="float32"):
-        dnn._global_avg_pool2d_nchw(torch.randn(2, 3, 4, 4).double())
+        _C.global_avg_pool2d_nchw(torch.randn(2, 3, 4, 4).double())
+    # The modules' entries decline (None) instead, and the module runs PyTorch's.
+    w = torch.randn(5, 4)
+    assert _C.head_linear(torch.randn(5, 4), w, None, 4) is None  # batch over the limit
+    assert _C.head_linear(torch.randn(2, 3), w, None, 4) is None  # width mismatch
+    assert _C.head_linear(torch.randn(2, 4), w, torch.randn(4), 4) is None  # bias size
+    assert _C.head_linear(torch.randn(2, 4).double(), w.double(), None, 4) is None
+    assert _C.head_linear(torch.randn(2, 4, requires_grad=True), w, None, 4) is None
+    with torch.no_grad():
+        assert _C.head_linear(torch.randn(2, 4, requires_grad=True), w, None, 4) is not None
+    assert _C.head_avg_pool(torch.randn(2, 3, 4)) is None
+    assert _C.head_avg_pool(torch.randn(2, 3, 0, 4)) is None
+    assert _C.head_avg_pool(torch.randn(2, 3, 4, 4, requires_grad=True)) is None
 
 
 def test_convert_gives_the_head_fast_ops_and_keeps_parameters_and_hooks():

@@ -345,7 +345,7 @@ def _measure(cfg: Config, prep: Prepared, state: dict, log) -> dict:
     dense = build_model(cfg, prep.data)
     dense.load_state_dict(done["dense"]["model"])
     dense_pool = copy.deepcopy(dense)
-    _fast_ops(dense_pool)  # the channels_last max-pool the fast path also uses
+    _fast_ops(dense_pool)  # the pools and classifier the fast path also uses
     macs_x = prep.x_test[:256]
     dense_macs = executed_macs(dense, macs_x)["dense_macs"]
     timed = {"dense": dense, "dense_pool": dense_pool}

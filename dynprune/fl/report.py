@@ -42,7 +42,7 @@ def format_table(report: dict) -> str:
             + f", keep_ratio={cfg['keep_ratio']}, model={cfg['model']} width={cfg['width']}, "
             f"{cfg['rounds']}+{cfg['finetune_rounds']} rounds, seed={cfg['seed']}, "
             f"{report['threads']} threads. Latency: batch 1, medians of models timed side by side; "
-            f"dense {report['dense_latency_ms']:.3f} ms, dense with the fast max-pool "
+            f"dense {report['dense_latency_ms']:.3f} ms, dense with the fast pools and classifier "
             f"{report['dense_pool_latency_ms']:.3f} ms.")
     lines = [head, "",
              "| method | mean client acc | worst client acc | global acc | MMACs/sample | fewer MACs "
