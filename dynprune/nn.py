@@ -574,7 +574,7 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """nn.AdaptiveAvgPool2d with a native path for the global pool (output 1x1).
 
     Inside a network at batch 1 PyTorch's pool comes back cold after the
-    convs: ~110 us on ResNet-18's 512x7x7 head, ~33 us natively
+    convs: ~105 us on ResNet-18's 512x7x7 head, ~21 us natively
     (``dynprune._C.head_avg_pool``: float64 sums, rounded once). Applies to
     float32 CPU input without autograd; otherwise (other output sizes too)
     nn.AdaptiveAvgPool2d.
@@ -598,8 +598,8 @@ class Linear(nn.Linear):
     """nn.Linear with a native path for a small batch of float32 rows on CPU.
 
     At batch 1 PyTorch runs MKL's gemv on one thread, with the weight cold
-    after the convs: ResNet-18's 512 -> 1000 classifier took ~270 us inside
-    the network, ~100 us with the rows split over the threads
+    after the convs: ResNet-18's 512 -> 1000 classifier took ~260 us inside
+    the network, ~90 us with the rows split over the threads
     (``dynprune._C.head_linear``). 2-D inputs of at most
     :data:`LINEAR_NATIVE_MAX_BATCH` rows, without autograd; otherwise nn.Linear.
     """
