@@ -311,6 +311,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_batch", &dynprune::linear_small_batch, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
         "x @ weight.T + bias for a 2-D float32 CPU x, rows split over the threads; no autograd");
+  m.def("max_pool2d_or_none", &dynprune::max_pool2d_or_none, pybind11::arg("x"),
+        pybind11::arg("kernel"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"),
+        "max_pool2d_nchw for a contiguous float32 CPU x without autograd, else None");
   m.def("head_avg_pool", &dynprune::head_avg_pool, pybind11::arg("x"),
         "global_avg_pool2d_nchw(x) for a 4-D float32 CPU x without autograd, else None");
   m.def("head_linear", &dynprune::head_linear, pybind11::arg("x"), pybind11::arg("weight"),

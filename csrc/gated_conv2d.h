@@ -81,6 +81,10 @@ at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor max_pool2d_nchw(const at::Tensor& x, std::vector<int64_t> kernel,
                            std::vector<int64_t> stride, std::vector<int64_t> padding,
                            std::vector<int64_t> dilation);
+// The same where it applies, else None (see max_pool2d.cpp).
+pybind11::object max_pool2d_or_none(const at::Tensor& x, const pybind11::handle& kernel,
+                                    const pybind11::handle& stride, const pybind11::handle& padding,
+                                    const pybind11::handle& dilation);
 
 // A network's head at small batch (head_ops.cpp), for dynprune.nn's
 // AdaptiveAvgPool2d (output 1x1) and Linear; no autograd.

@@ -503,8 +503,9 @@ try:  # the native extension's eval entry points (None: the reference backend)
     from dynprune._C import head_avg_pool as _head_avg_pool
     from dynprune._C import head_linear as _head_linear
     from dynprune._C import max_pool2d_nchw as _max_pool2d_nchw
+    from dynprune._C import max_pool2d_or_none as _max_pool2d_or_none
 except Exception:  # missing or broken build: ops.py has warned once already
-    _EvalPlan = _max_pool2d_nchw = _head_avg_pool = _head_linear = None
+    _EvalPlan = _max_pool2d_nchw = _max_pool2d_or_none = _head_avg_pool = _head_linear = None
 
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
@@ -557,6 +558,15 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (_max_pool2d_or_none is not None and type(x) is torch.Tensor
+                and not self.return_indices and not self.ceil_mode
+                and not torch.compiler.is_compiling()):
+            # The native pool, checks included, in one call (at batch 1 this
+            # code runs cold after the stem conv); None: the routes below.
+            y = _max_pool2d_or_none(x, self.kernel_size, self.stride, self.padding,
+                                    self.dilation)
+            if y is not None:
+                return y
         if (x.dim() != 4 or x.device.type != "cpu" or self.return_indices
                 or not x.is_contiguous() or torch.compiler.is_compiling()):
             return super().forward(x)

@@ -294,3 +294,22 @@ def test_convert_gives_the_head_fast_ops_and_keeps_parameters_and_hooks():
     with torch.no_grad():
         assert rel_err(model.eval()(x), ref(x)) < 1e-5
     assert seen == [torch.Size([1, 4])]
+
+
+def test_maxpool_native_entry_reads_module_arguments_or_declines():
+    if dnn._max_pool2d_or_none is None:
+        pytest.skip("native extension not built")
+    x = torch.randn(2, 3, 11, 10)
+    for args in [(3, None, 1, 1), ((3, 2), (2, 1), (1, 0), 1), (2, [], 0, (1, 2)), (3, 2, 1, 1)]:
+        pool = dnn.MaxPool2d(*args)
+        with torch.no_grad():
+            got = dnn._max_pool2d_or_none(x, pool.kernel_size, pool.stride, pool.padding,
+                                          pool.dilation)
+        ref = nn.MaxPool2d(args[0], args[1] or None, args[2], args[3])(x)
+        assert got is not None and torch.equal(got, ref)
+    entry = dnn._max_pool2d_or_none
+    assert entry(x.transpose(2, 3), 3, 2, 1, 1) is None  # not contiguous
+    assert entry(x.double(), 3, 2, 1, 1) is None
+    assert entry(x[0], 3, 2, 1, 1) is None  # 3-D
+    assert entry(x, 2, 2, 2, 1) is None  # padding over half the window: nn.MaxPool2d's error
+    assert entry(x.clone().requires_grad_(), 3, 2, 1, 1) is None
