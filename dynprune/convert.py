@@ -180,7 +180,7 @@ def convert(
             next one that reads its output unmodified (as the input channel
             list), nn.MaxPool2d runs a native NCHW pool (PyTorch's NCHW CPU
             pool is several times slower), and a global nn.AdaptiveAvgPool2d
-            and nn.Linear at batch <= 4 run native kernels (PyTorch's come back
+            and nn.Linear at batch <= 16 run native kernels (PyTorch's come back
             cold after the convs). Training is unchanged.
 
     Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
