@@ -74,17 +74,11 @@ void linear_rows(const float* w, const float* b, const float* x, int64_t N, int6
   }
 }
 
-}  // namespace
-
-at::Tensor global_avg_pool2d_nchw(const at::Tensor& x_in) {
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "global_avg_pool2d_nchw expects a 4-D input, got ",
-                    x_in.dim(), "-D");
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, "global_avg_pool2d_nchw expects float32, got ",
-                   x_in.scalar_type());
-  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "global_avg_pool2d_nchw runs on CPU tensors");
+// The pool of a 4-D float32 CPU tensor with a non-empty map (checked by the
+// callers below).
+at::Tensor avg_pool_checked(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   const int64_t planes = x.size(0) * x.size(1), P = x.size(2) * x.size(3);
-  TORCH_CHECK_VALUE(P > 0, "global_avg_pool2d_nchw: empty spatial size");
   at::Tensor y = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
   const float* p = x.data_ptr<float>();
   float* q = y.data_ptr<float>();
@@ -106,24 +100,11 @@ at::Tensor global_avg_pool2d_nchw(const at::Tensor& x_in) {
   return y;
 }
 
-at::Tensor linear_small_batch(const at::Tensor& x_in, const at::Tensor& weight_in,
-                              const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "linear_small_batch expects a 2-D input, got ", x_in.dim(),
-                    "-D");
-  TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1),
-                    "linear_small_batch: weight must be [out, ", x_in.size(1), "], got ",
-                    weight_in.sizes());
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
-                   "linear_small_batch expects float32 input and weight");
-  TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight_in.device().is_cpu(),
-                    "linear_small_batch runs on CPU tensors");
-  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
-  at::Tensor b;
-  if (bias_in.has_value() && bias_in->defined()) {
-    b = bias_in->contiguous();
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0) && b.scalar_type() == at::kFloat,
-                      "linear_small_batch: bias must be float32 [", w.size(0), "]");
-  }
+// x @ w.T + b for float32 CPU tensors of matching shapes (b may be undefined;
+// checked by the callers below).
+at::Tensor linear_checked(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in) {
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor b = b_in.defined() ? b_in.contiguous() : b_in;
   const int64_t N = x.size(0), I = x.size(1), O = w.size(0);
   at::Tensor y = at::empty({N, O}, x.options());
   if (N == 0 || O == 0) return y;
@@ -143,6 +124,35 @@ at::Tensor linear_small_batch(const at::Tensor& x_in, const at::Tensor& weight_i
     linear_rows(wp, bp, xp, N, I, O, r0, r1, yp);
   }
   return y;
+}
+
+}  // namespace
+
+at::Tensor global_avg_pool2d_nchw(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "global_avg_pool2d_nchw expects a 4-D input, got ", x.dim(),
+                    "-D");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "global_avg_pool2d_nchw expects float32, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "global_avg_pool2d_nchw runs on CPU tensors");
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, "global_avg_pool2d_nchw: empty spatial size");
+  return avg_pool_checked(x);
+}
+
+at::Tensor linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "linear_small_batch expects a 2-D input, got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "linear_small_batch: weight must be [out, ", x.size(1), "], got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+                   "linear_small_batch expects float32 input and weight");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(),
+                    "linear_small_batch runs on CPU tensors");
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  TORCH_CHECK_VALUE(!b.defined() || (b.dim() == 1 && b.size(0) == weight.size(0) &&
+                                     b.scalar_type() == at::kFloat && b.device().is_cpu()),
+                    "linear_small_batch: bias must be float32 [", weight.size(0), "]");
+  return linear_checked(x, weight, b);
 }
 
 // The modules' entry points: the op where it applies (float32 CPU tensors of
@@ -165,7 +175,7 @@ bool float32_cpu(const at::Tensor& t) {
 c10::optional<at::Tensor> head_avg_pool(const at::Tensor& x) {
   if (x.dim() != 4 || !float32_cpu(x) || x.size(2) * x.size(3) == 0 || wants_grad({&x}))
     return c10::nullopt;
-  return global_avg_pool2d_nchw(x);
+  return avg_pool_checked(x);
 }
 
 c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -176,7 +186,7 @@ c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& wei
       (b.defined() && (!float32_cpu(b) || b.dim() != 1 || b.size(0) != weight.size(0))) ||
       wants_grad({&x, &weight, &b}))
     return c10::nullopt;
-  return linear_small_batch(x, weight, bias);
+  return linear_checked(x, weight, b);
 }
 
 }  // namespace dynprune

@@ -502,10 +502,9 @@ try:  # the native extension's eval entry points (None: the reference backend)
     from dynprune._C import EvalPlan as _EvalPlan
     from dynprune._C import head_avg_pool as _head_avg_pool
     from dynprune._C import head_linear as _head_linear
-    from dynprune._C import max_pool2d_nchw as _max_pool2d_nchw
     from dynprune._C import max_pool2d_or_none as _max_pool2d_or_none
 except Exception:  # missing or broken build: ops.py has warned once already
-    _EvalPlan = _max_pool2d_nchw = _max_pool2d_or_none = _head_avg_pool = _head_linear = None
+    _EvalPlan = _max_pool2d_or_none = _head_avg_pool = _head_linear = None
 
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
@@ -550,7 +549,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     PyTorch's NCHW max-pool kernel is several times slower on CPU than its
     channels_last one. Without autograd, contiguous NCHW float32 input runs
-    the native kernel (``dynprune._C.max_pool2d_nchw``; ResNet-18's stem pool
+    the native kernel (``dynprune._C.max_pool2d_or_none``; ResNet-18's stem pool
     at batch 1, 2 threads: 0.32 ms, against 0.79 ms through channels_last
     and 3.5 ms for PyTorch's NCHW kernel); with autograd, or without the
     native build, or with ``ceil_mode``, it pools through channels_last. Same
@@ -570,12 +569,6 @@ class MaxPool2d(nn.MaxPool2d):
         if (x.dim() != 4 or x.device.type != "cpu" or self.return_indices
                 or not x.is_contiguous() or torch.compiler.is_compiling()):
             return super().forward(x)
-        if (_max_pool2d_nchw is not None and x.dtype == torch.float32 and not self.ceil_mode
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            kernel, stride = _as_pair(self.kernel_size), _as_pair(self.stride or self.kernel_size)
-            padding, dilation = _as_pair(self.padding), _as_pair(self.dilation)
-            if all(2 * p <= k for p, k in zip(padding, kernel)):  # else nn.MaxPool2d's error
-                return _max_pool2d_nchw(x, kernel, stride, padding, dilation)
         y = super().forward(x.contiguous(memory_format=torch.channels_last))
         return y.contiguous()
 

@@ -120,7 +120,7 @@ def test_relu_not_fused_when_output_has_other_consumers():
 @pytest.mark.parametrize("grad", [False, True])
 def test_maxpool_matches(shape, k, s, p, d, grad):
     """The native NCHW pool (no autograd) and the channels_last route (autograd)."""
-    assert dnn._max_pool2d_nchw is not None or dynprune.backends()["cpu"] != "native"
+    assert dnn._max_pool2d_or_none is not None or dynprune.backends()["cpu"] != "native"
     x = torch.randn(*shape)
     x.view(-1)[::7] = float("-inf")
     x.view(-1)[5] = float("nan")  # NaN propagates, as in PyTorch
