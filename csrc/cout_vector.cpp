@@ -193,8 +193,10 @@ void sum_chunk(const float* wpack, const Geometry& g, const CoutSample& s, int64
 // scatter per pixel (the first vector form), scatter/this time: 1.02-1.08 on
 // 256x14x14, 128x28x28 and 128x16x16 at batch 16 and 1, with and without ReLU.
 __attribute__((target("arch=x86-64-v4")))
-void finish_lanes(const CoutSample& s, int64_t j, int64_t plane, bool relu, const float* src,
+void finish_lanes(const CoutSample& s, int64_t j, int64_t plane, Epilogue ep, const float* src,
                   float* y_n) {
+  // With a residual, the ReLU comes after the add, on the transposed rows.
+  const bool relu_lanes = ep.relu && ep.res == nullptr;
   const int64_t left = std::min<int64_t>(kLanes, s.k - j);
   const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
   const __m512 bias = _mm512_maskz_loadu_ps(m, s.bias + j);
@@ -209,12 +211,19 @@ void finish_lanes(const CoutSample& s, int64_t j, int64_t plane, bool relu, cons
       // are never stored.
       __m512 v = p < n ? _mm512_loadu_ps(src + (q0 + p) * kCoutTile) : zero;
       v = _mm512_mul_ps(_mm512_add_ps(v, bias), scale);
-      if (relu) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+      if (relu_lanes) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
       r[p] = v;
     }
     transpose16(r);  // r[u]: channel j + u at pixels q0..q0+15
     const __mmask16 mq = static_cast<__mmask16>((1u << n) - 1);
-    for (int u = 0; u < left; ++u) _mm512_mask_storeu_ps(y_n + s.out_ch[j + u] * plane + q0, mq, r[u]);
+    for (int u = 0; u < left; ++u) {
+      __m512 v = r[u];
+      if (ep.res) {
+        v = _mm512_add_ps(rounded(v), _mm512_maskz_loadu_ps(mq, ep.res + s.out_ch[j + u] * plane + q0));
+        if (ep.relu) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+      }
+      _mm512_mask_storeu_ps(y_n + s.out_ch[j + u] * plane + q0, mq, v);
+    }
   }
 }
 
@@ -250,7 +259,7 @@ int64_t cout_acc_floats(const Geometry& g, int64_t k) { return padded_k(k) * g.H
 int64_t cout_tiles(int64_t k) { return padded_k(k) / kCoutTile; }
 
 void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
-                       int64_t v1, bool relu, float* y_n, float* pack, float* acc) {
+                       int64_t v1, Epilogue ep, float* y_n, float* pack, float* acc) {
   const int64_t plane = g.Ho * g.Wo, chunk = channels_per_chunk(g.kh * g.kw);
   if (s.kin == 0) std::fill_n(acc, (v1 - v0) * kCoutTile * plane, 0.f);
   for (int64_t i0 = 0; i0 < s.kin; i0 += chunk) {
@@ -260,7 +269,7 @@ void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample&
   }
   for (int64_t v = v0; v < v1; ++v)
     for (int64_t j = v * kCoutTile; j < std::min(s.k, (v + 1) * kCoutTile); j += kLanes)
-      finish_lanes(s, j, plane, relu, acc + (v - v0) * plane * kCoutTile + j % kCoutTile, y_n);
+      finish_lanes(s, j, plane, ep, acc + (v - v0) * plane * kCoutTile + j % kCoutTile, y_n);
 }
 
 }  // namespace dynprune

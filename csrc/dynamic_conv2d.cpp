@@ -55,17 +55,25 @@ std::tuple<at::Tensor, at::Tensor> channel_gate(const at::Tensor& x, const at::T
   return {idx, sal.gather(1, idx)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
+// dynamic_conv2d, or with `residual` (defined) act(gated conv + residual) by
+// the float32 kernel's epilogue (see Epilogue): nullopt where that does not
+// apply (not float32, a batch of 0, a residual not shaped like the output).
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> dynamic_conv2d_impl(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& priority,
     int64_t k, const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, const at::Tensor& residual) {
   const Gate gate{gate_weight, gate_bias, priority, k};
   check_gate(x, gate);
   const Geometry g =
       check_inputs(x, weight, bias, nullptr, c10::nullopt, in_idx, stride, padding, dilation);
   TORCH_CHECK_VALUE(gate_weight.size(0) == g.Cout, "gate_weight has ", gate_weight.size(0),
                     " rows but weight has ", g.Cout, " output channels");
+  if (residual.defined() &&
+      (x.scalar_type() != at::kFloat || g.N == 0 || residual.scalar_type() != at::kFloat ||
+       !residual.device().is_cpu() || !residual.is_contiguous() ||
+       residual.sizes() != at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo})))
+    return c10::nullopt;
   if (x.scalar_type() != at::kFloat || g.N == 0) {
     at::Tensor xg = x;  // channels outside in_idx are zero for the gate too
     if (in_idx.has_value()) {
@@ -76,15 +84,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
     }
     auto [idx, scale] = channel_gate(xg, gate_weight, gate_bias, priority, k);
     at::Tensor y = gated_conv2d(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu);
-    return {y, idx, scale};
+    return std::make_tuple(y, idx, scale);
   }
   if (in_idx.has_value()) check_index_values(*in_idx, "in_idx", g.Cin);
   at::Tensor idx = at::empty({g.N, k}, x.options().dtype(at::kLong));
   at::Tensor scale = at::empty({g.N, k}, x.options());
   at::Tensor y = empty_output({g.N, g.Cout, g.Ho, g.Wo}, x.options());
   sparse_conv2d_f32(x, weight, bias.has_value() ? *bias : at::Tensor(), &gate, idx, scale,
-                    in_idx.has_value() ? *in_idx : at::Tensor(), g, relu, y);
-  return {y, idx, scale};
+                    in_idx.has_value() ? *in_idx : at::Tensor(), g, relu, y, residual);
+  return std::make_tuple(y, idx, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_conv2d(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& priority,
+    int64_t k, const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  return *dynamic_conv2d_impl(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx, stride,
+                              padding, dilation, relu, at::Tensor());
 }
 
 }  // namespace dynprune
@@ -200,6 +217,25 @@ struct EvalPlan {
 
   std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x,
                                          const c10::optional<at::Tensor>& in_idx) const {
+    return *call(x, in_idx, relu, at::Tensor());
+  }
+
+  // act(this layer's output + residual), with act the ReLU when `relu_after`,
+  // in the kernel's epilogue: one pass over the output instead of an add and
+  // a ReLU after it (see Epilogue). Only for a plan without its own ReLU;
+  // None where the float32 kernel does not take the residual (the caller
+  // then runs the layer and the ops after it).
+  pybind11::object run_residual(const at::Tensor& x, const c10::optional<at::Tensor>& in_idx,
+                                const at::Tensor& residual, bool relu_after) const {
+    TORCH_CHECK_VALUE(!relu, "run_residual: this plan applies its own ReLU before the add");
+    auto out = call(x, in_idx, relu_after, residual);
+    if (!out) return pybind11::none();
+    return pybind11::cast(std::get<0>(*out));
+  }
+
+  c10::optional<std::tuple<at::Tensor, at::Tensor>> call(const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& in_idx,
+                                                         bool act, const at::Tensor& residual) const {
     TORCH_CHECK_VALUE(x.device().is_cpu(), "EvalPlan runs on CPU tensors, got ", x.device());
     // DynamicConv2d's own input checks (it skips them on this path), same errors.
     TORCH_CHECK_VALUE(x.dim() == 4, "DynamicConv2d expects a 4-D input [N, C, H, W], got ",
@@ -208,10 +244,11 @@ struct EvalPlan {
                       " input channels, got ", x.size(1));
     TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "dtype mismatch: input is ",
                      x.scalar_type(), " but DynamicConv2d weights are ", weight.scalar_type());
-    if (auto out = cropped_call(x, in_idx)) return *out;
-    auto out = dynamic_conv2d(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
-                              stride, padding, dilation, relu);
-    return {std::get<0>(out), std::get<1>(out)};
+    if (auto out = cropped_call(x, in_idx, act, residual)) return *out;
+    auto out = dynamic_conv2d_impl(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
+                                   stride, padding, dilation, act, residual);
+    if (!out) return c10::nullopt;
+    return std::make_tuple(std::get<0>(*out), std::get<1>(*out));
   }
 
   // Small maps: a kernel row or column whose taps read only zero padding at
@@ -223,7 +260,8 @@ struct EvalPlan {
   // from 2x2 to 1x1 (2x2 taps left) 1.41 and 1.40; 512x7x7, 48x10x10 (no
   // cut) 1.01 and 1.00.
   c10::optional<std::tuple<at::Tensor, at::Tensor>> cropped_call(
-      const at::Tensor& x, const c10::optional<at::Tensor>& in_idx) const {
+      const at::Tensor& x, const c10::optional<at::Tensor>& in_idx, bool act,
+      const at::Tensor& residual) const {
     if (x.scalar_type() != at::kFloat || stride.size() != 2 || padding.size() != 2 ||
         dilation.size() != 2)
       return c10::nullopt;
@@ -254,9 +292,10 @@ struct EvalPlan {
       }
       cut = crop->weight;
     }
-    auto out = dynamic_conv2d(x, cut, bias, gate_weight, gate_bias, priority, k, in_idx, stride,
-                              pad, dilation, relu);
-    return std::make_tuple(std::get<0>(out), std::get<1>(out));
+    auto out = dynamic_conv2d_impl(x, cut, bias, gate_weight, gate_bias, priority, k, in_idx,
+                                   stride, pad, dilation, act, residual);
+    if (!out) return c10::nullopt;  // a residual it does not take: so does call()
+    return std::make_tuple(std::get<0>(*out), std::get<1>(*out));
   }
 };
 
@@ -298,7 +337,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "True while every guard (dict, key, expected, by_identity) still holds and no "
            "watched tensor changed in place")
       .def("run", &dynprune::EvalPlan::run, pybind11::arg("x"), pybind11::arg("in_idx"),
-           "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None");
+           "(y, out_idx) of dynamic_conv2d for x (CPU), with in_idx or None")
+      .def("run_residual", &dynprune::EvalPlan::run_residual, pybind11::arg("x"),
+           pybind11::arg("in_idx"), pybind11::arg("residual"), pybind11::arg("relu"),
+           "act(y + residual) for x (CPU), act the ReLU when relu, y as run() computes it; "
+           "None where the float32 kernel does not take this residual");
   m.def("release_idle_outputs", &dynprune::release_idle_outputs,
         "Frees the memory of freed outputs kept for reuse; returns its bytes");
   m.def("idle_output_bytes", &dynprune::idle_output_bytes,

@@ -63,12 +63,26 @@ struct Gate {
 };
 void check_gate(const at::Tensor& x, const Gate& gate);
 
+// What the float32 kernel writes for each kept value:
+//   act(scale * (conv + bias) + res)
+// (the product rounded before the add, as the unfused ops round it), and for
+// each pruned value act(res); without a residual, act(scale * (conv + bias))
+// and exact zeros. res points at one sample's [Cout, Ho, Wo] block of a
+// contiguous tensor shaped like the output, or is null.
+struct Epilogue {
+  bool relu;
+  const float* res;
+};
+
 // The float32 sparse kernel. With `gate`, out_idx/out_scale are outputs
 // (already allocated [N, k]); without, they are validated inputs (out_scale
 // may be undefined: scale 1). in_idx undefined: non-zero channels are found.
+// residual: undefined, or a contiguous float32 tensor shaped like y, added
+// before the ReLU (see Epilogue; the caller checks it).
 void sparse_conv2d_f32(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const Gate* gate, at::Tensor& out_idx, at::Tensor& out_scale,
-                       const at::Tensor& in_idx, const Geometry& g, bool relu, at::Tensor& y);
+                       const at::Tensor& in_idx, const Geometry& g, bool relu, at::Tensor& y,
+                       const at::Tensor& residual = at::Tensor());
 
 at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& out_idx,

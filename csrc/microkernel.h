@@ -59,6 +59,26 @@ static inline __attribute__((always_inline)) float finish_value(float conv, floa
   return relu && v < 0.f ? 0.f : v;
 }
 
+// The same plus a residual value before the activation. The empty asm makes
+// the product a rounded float first: -ffp-contract=fast would otherwise fuse
+// it with the add into one FMA, rounding differently from the unfused ops.
+static inline __attribute__((always_inline)) float rounded(float v) {
+  asm("" : "+v"(v));
+  return v;
+}
+__attribute__((target("arch=x86-64-v4"))) static inline __attribute__((always_inline)) __m512
+rounded(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+static inline __attribute__((always_inline)) float finish_value(float conv, float bias,
+                                                                float scale, bool relu,
+                                                                const float* res) {
+  if (res == nullptr) return finish_value(conv, bias, scale, relu);
+  const float v = rounded((conv + bias) * scale) + *res;
+  return relu && v < 0.f ? 0.f : v;
+}
+
 // One register tile's operands. Weights come either through row pointers into
 // the original weight (wrows[j] + in_off[i] + t) or packed for this tile
 // (wpk[(i*taps + t)*J + j], see pack_weights in sparse_f32.cpp).

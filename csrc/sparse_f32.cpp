@@ -530,22 +530,27 @@ static inline __attribute__((always_inline)) void find_runs(const Geometry& g, c
   }
 }
 
-// Epilogue: y = act(scale * (acc + bias)) at the valid positions of block
-// q0, for kept channels [j0, j1); accumulators of channel j at
+// Epilogue: y = act(scale * (acc + bias) [+ res]) at the valid positions of
+// block q0, for kept channels [j0, j1); accumulators of channel j at
 // cbuf + (j - j0) * kQBlock.
 void finish_block(const Geometry& g, const Wide& wd, const SamplePlan& sp, const int64_t* out_ch,
-                  const float* scale, int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n,
+                  const float* scale, int64_t j0, int64_t j1, int64_t q0, Epilogue ep, float* y_n,
                   const float* cbuf) {
   BlockRuns runs;
   find_runs(g, wd, q0, runs);
+  const bool relu = ep.relu;
   for (int64_t j = j0; j < j1; ++j) {
     const float* acc = cbuf + (j - j0) * kQBlock;
     float* out = y_n + out_ch[j] * g.Ho * g.Wo;
+    const float* res = ep.res ? ep.res + out_ch[j] * g.Ho * g.Wo : nullptr;
     const float sc = scale[j], bj = sp.bias_kept[j];
     for (int r = 0; r < runs.n; ++r) {
       const float* a = acc + runs.lane[r];
       float* o = out + runs.dst[r];
-      if (relu) {  // two loops: the test stays out of the inner one
+      if (res) {
+        const float* rs = res + runs.dst[r];
+        for (int l = 0; l < runs.len[r]; ++l) o[l] = finish_value(a[l], bj, sc, relu, rs + l);
+      } else if (relu) {  // two loops: the test stays out of the inner one
         for (int l = 0; l < runs.len[r]; ++l) o[l] = finish_value(a[l], bj, sc, true);
       } else {
         for (int l = 0; l < runs.len[r]; ++l) o[l] = finish_value(a[l], bj, sc, false);
@@ -563,13 +568,15 @@ void finish_block(const Geometry& g, const Wide& wd, const SamplePlan& sp, const
 __attribute__((target("arch=x86-64-v4")))
 void finish_block_avx512(const Geometry& g, const Wide& wd, const SamplePlan& sp,
                          const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1,
-                         int64_t q0, bool relu, float* y_n, const float* cbuf) {
+                         int64_t q0, Epilogue ep, float* y_n, const float* cbuf) {
   BlockRuns runs;
   find_runs(g, wd, q0, runs);
   const __m512 zero = _mm512_setzero_ps();
+  const bool relu = ep.relu;
   for (int64_t j = j0; j < j1; ++j) {
     const float* acc = cbuf + (j - j0) * kQBlock;
     float* out = y_n + out_ch[j] * g.Ho * g.Wo;
+    const float* res = ep.res ? ep.res + out_ch[j] * g.Ho * g.Wo : nullptr;
     const __m512 sc = _mm512_set1_ps(scale[j]), bj = _mm512_set1_ps(sp.bias_kept[j]);
     for (int r = 0; r < runs.n; ++r) {
       for (int l = 0; l < runs.len[r]; l += kLanes) {
@@ -577,6 +584,7 @@ void finish_block_avx512(const Geometry& g, const Wide& wd, const SamplePlan& sp
         const __mmask16 mask = static_cast<__mmask16>(m == kLanes ? 0xFFFFu : (1u << m) - 1);
         __m512 v = _mm512_maskz_loadu_ps(mask, acc + runs.lane[r] + l);
         v = _mm512_mul_ps(_mm512_add_ps(v, bj), sc);
+        if (res) v = _mm512_add_ps(rounded(v), _mm512_maskz_loadu_ps(mask, res + runs.dst[r] + l));
         if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
         _mm512_mask_storeu_ps(out + runs.dst[r] + l, mask, v);
       }
@@ -619,8 +627,8 @@ bool is_conv3x3_on_2x2(const Geometry& g) {
 
 __attribute__((target("arch=x86-64-v4")))
 void pairs_2x2_avx512(const float* weight, const Geometry& g, const SamplePlan& sp,
-                      const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1, bool relu,
-                      float* y_n) {
+                      const int64_t* out_ch, const float* scale, int64_t j0, int64_t j1,
+                      Epilogue ep, float* y_n) {
   constexpr int kRows = 8;  // output channels per register tile
   const int64_t kin = sp.in_ch.size(), row_len = g.Cin * 9;
   // Lane p*4 + q: the tap of (p, q), and input pixel q in the wide grid
@@ -649,11 +657,12 @@ void pairs_2x2_avx512(const float* weight, const Geometry& g, const SamplePlan& 
       alignas(64) float lanes[16];
       _mm512_store_ps(lanes, acc[u]);
       float* out = y_n + out_ch[j + u] * 4;
+      const float* res = ep.res ? ep.res + out_ch[j + u] * 4 : nullptr;
       const float sc = scale[j + u], bj = sp.bias_kept[j + u];
       for (int p = 0; p < 4; ++p) {
         const float* l = lanes + 4 * p;
         const float conv = (l[0] + l[1]) + (l[2] + l[3]);
-        out[p] = finish_value(conv, bj, sc, relu);
+        out[p] = finish_value(conv, bj, sc, ep.relu, res ? res + p : nullptr);
       }
     }
   }
@@ -666,7 +675,7 @@ void pairs_2x2_avx512(const float* weight, const Geometry& g, const SamplePlan& 
 __attribute__((target("arch=x86-64-v4")))
 void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const Geometry& g,
                   const Wide& wd, const SamplePlan& sp, const int64_t* out_ch, const float* scale,
-                  int64_t j0, int64_t j1, int64_t qb0, int64_t nb, bool relu, float* y_n,
+                  int64_t j0, int64_t j1, int64_t qb0, int64_t nb, Epilogue ep, float* y_n,
                   float* cbuf) {
   const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
   const int64_t slab = (j1 - j0) * kQBlock;  // accumulators of one block
@@ -731,14 +740,14 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
     }
   }
   for (int64_t b = 0; b < nb; ++b)
-    finish_block_avx512(g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, relu, y_n,
+    finish_block_avx512(g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, ep, y_n,
                         cbuf + b * slab);
 }
 
 // The same sums with plain loops, for CPUs without AVX-512 (correct, slower).
 void block_generic(const float* weight, const Geometry& g, const Wide& wd,
                    const SamplePlan& sp, const int64_t* out_ch, const float* scale,
-                   int64_t j0, int64_t j1, int64_t q0, bool relu, float* y_n, float* cbuf) {
+                   int64_t j0, int64_t j1, int64_t q0, Epilogue ep, float* y_n, float* cbuf) {
   const int64_t taps = g.kh * g.kw, kin = sp.in_ch.size(), row_len = g.Cin * taps;
   const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - q0);
   for (int64_t j = j0; j < j1; ++j) {
@@ -753,28 +762,28 @@ void block_generic(const float* weight, const Geometry& g, const Wide& wd,
       }
     }
   }
-  finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, relu, y_n, cbuf);
+  finish_block(g, wd, sp, out_ch, scale, j0, j1, q0, ep, y_n, cbuf);
 }
 
 // Wide blocks [qb0, qb0 + nb) of one sample, kept output channels j in [j0, j1);
 // cbuf holds nb * (j1 - j0) * kQBlock floats.
 void compute_blocks(const float* weight, const float* wpack, bool unroll3x3, const Geometry& g,
                     const Wide& wd, const SamplePlan& sp, const int64_t* out_ch, const float* scale,
-                    int64_t j0, int64_t j1, int64_t qb0, int64_t nb, bool relu, float* y_n,
+                    int64_t j0, int64_t j1, int64_t qb0, int64_t nb, Epilogue ep, float* y_n,
                     float* cbuf) {
   // A/B old/new: 512x2x2 1.19-1.45 (batch 1), 1.70-2.15 (batch 16); VGG-16
   // 1.06 (batch 1), 1.20 (batch 16). Its pixel table assumes the padded 4x4
   // wide grid (use_shifted never picks 2x2 maps: no vector to save).
   if (has_avx512() && !wpack && is_conv3x3_on_2x2(g) && !wd.shifted && !wd.tap_copies) {
-    pairs_2x2_avx512(weight, g, sp, out_ch, scale, j0, j1, relu, y_n);
+    pairs_2x2_avx512(weight, g, sp, out_ch, scale, j0, j1, ep, y_n);
     return;
   }
   if (has_avx512()) {
-    block_avx512(weight, wpack, unroll3x3, g, wd, sp, out_ch, scale, j0, j1, qb0, nb, relu, y_n, cbuf);
+    block_avx512(weight, wpack, unroll3x3, g, wd, sp, out_ch, scale, j0, j1, qb0, nb, ep, y_n, cbuf);
     return;
   }
   for (int64_t b = 0; b < nb; ++b)
-    block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, relu, y_n, cbuf);
+    block_generic(weight, g, wd, sp, out_ch, scale, j0, j1, (qb0 + b) * kQBlock, ep, y_n, cbuf);
 }
 
 typedef double v8d __attribute__((vector_size(64)));
@@ -880,6 +889,20 @@ void gate_rows(const float* gw, const float* gb, const double* means, int64_t N,
   }
 }
 
+// A pruned row of a conv with a residual: y = act(0 + res), the sum the
+// unfused ops compute (0 + -0.0 is +0.0).
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+void residual_row(const float* res, int64_t n, bool relu, float* y) {
+  if (relu) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = 0.f + res[i];
+      y[i] = v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = 0.f + res[i];
+  }
+}
+
 // Zeros n floats at p with streaming stores over the whole 64-byte lines.
 // The caller fences (zeros_done) before other threads may read them.
 __attribute__((target("arch=x86-64-v4"))) void zero_streaming(float* p, int64_t n) {
@@ -961,7 +984,7 @@ T* align64(T* p) {
 void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
                        const at::Tensor& bias_in, const Gate* gate, at::Tensor& out_idx,
                        at::Tensor& out_scale, const at::Tensor& in_idx_in, const Geometry& g,
-                       bool relu, at::Tensor& y) {
+                       bool relu, at::Tensor& y, const at::Tensor& residual) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : bias_in;
@@ -1021,6 +1044,8 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   int64_t* oi = out_idx.data_ptr<int64_t>();
   float* os = out_scale.defined() ? out_scale.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  const float* rp = residual.defined() ? residual.data_ptr<float>() : nullptr;
+  auto epi = [&](int64_t n) { return Epilogue{relu, rp ? rp + n * Cout * Qout : nullptr}; };
 
   // Work items of phase B: (sample, wide block, part of the kept channels).
   // Small batches split each sample's kept channels so every thread has work.
@@ -1195,6 +1220,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const bool stream_zeros = has_avx512() && Qout >= 128 && N * Cout * Qout >= (int64_t{1} << 19);
   auto zero_row = [&](int64_t t) {  // A4: exact zeros in a pruned output row
     if (plans[t / Cout].out_kept[t % Cout]) return;
+    if (rp) return residual_row(rp + t * Qout, Qout, relu, yp + t * Qout);  // act(0 + res)
     if (stream_zeros) zero_streaming(yp + t * Qout, Qout);
     else std::fill_n(yp + t * Qout, Qout, 0.f);
   };
@@ -1284,7 +1310,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     float* cbuf = ws.cbufs[worker].data();
     if (cout_items) {
       const int64_t n = it / tiles, v = it % tiles;
-      cout_vector_tiles(wp, g, cout_sample(n), v, v + 1, relu, yp + n * Cout * Qout,
+      cout_vector_tiles(wp, g, cout_sample(n), v, v + 1, epi(n), yp + n * Cout * Qout,
                         ws.packs[worker].data(), cbuf);
       return;
     }
@@ -1292,7 +1318,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     const int64_t qb = it % qblocks;
     const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
     compute_blocks(wp, nullptr, unroll3x3, g, wd, plans[n], oi + n * k,
-                   os ? os + n * k : no_scale, j0, j1, qb, 1, relu, yp + n * Cout * Qout, cbuf);
+                   os ? os + n * k : no_scale, j0, j1, qb, 1, epi(n), yp + n * Cout * Qout, cbuf);
   };
 
   if (serial_setup) {
@@ -1377,7 +1403,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         for (int64_t c = 0; c < Cout; ++c) zero_row(n * Cout + c);
         zeros_done();
         if (compute && cout_vec) {
-          cout_vector_tiles(wp, g, cout_sample(n), 0, tiles, relu, yp + n * Cout * Qout,
+          cout_vector_tiles(wp, g, cout_sample(n), 0, tiles, epi(n), yp + n * Cout * Qout,
                             ws.packs[omp_get_thread_num()].data(), cbuf);
         } else if (compute) {
           float* wpack = nullptr;
@@ -1388,7 +1414,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
           for (int64_t qb = 0; qb < qblocks; qb += panel)
             compute_blocks(wp, wpack, unroll3x3, g, wd, plans[n], oi + n * k,
                            os ? os + n * k : no_scale, 0, k, qb, std::min(panel, qblocks - qb),
-                           relu, yp + n * Cout * Qout, cbuf);
+                           epi(n), yp + n * Cout * Qout, cbuf);
         }
       }
     } else {

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dynprune import nn as dnn
 from dynprune.nn import DynamicConv2d
+from dynprune.residual import fuse_residuals
 
 __all__ = ["convert"]
 
@@ -181,7 +182,11 @@ def convert(
             list), nn.MaxPool2d runs a native NCHW pool (PyTorch's NCHW CPU
             pool is several times slower), and a global nn.AdaptiveAvgPool2d
             and nn.Linear at batch <= 16 run native kernels (PyTorch's come back
-            cold after the convs). Training is unchanged.
+            cold after the convs), and a converted conv whose output a module's
+            forward only adds to another tensor (then ReLUs), as a ResNet
+            block ends, adds and ReLUs in the kernel's epilogue
+            (:mod:`dynprune.residual`: that module gets an instance
+            ``forward``). Training is unchanged.
 
     Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
     padding_mode are left dense. Freshly converted gates are neutral (scale 1)
@@ -214,4 +219,5 @@ def convert(
     if fast_path:
         _fuse_relus(model)
         _fast_ops(model)
+        fuse_residuals(model)
     return model

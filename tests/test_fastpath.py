@@ -9,23 +9,11 @@ import dynprune
 import dynprune.nn as dnn
 from dynprune.models import MODELS
 
-from zoo import ZOO, randomize_bn
+from zoo import ZOO, randomize_bn, trained_looking
 
 
 def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-def trained_looking(model):
-    """Random gates, so every sample keeps its own channels."""
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, dynprune.DynamicConv2d):
-            with torch.no_grad():
-                # scales near 1 that vary per sample, so deep nets stay finite
-                m.gate.fc.weight.normal_(0, 0.3 / m.in_channels ** 0.5, generator=g)
-                m.gate.fc.bias.uniform_(0.8, 1.2, generator=g)
-    return model
 
 
 def both_paths(model, keep):

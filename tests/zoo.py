@@ -18,6 +18,19 @@ def randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+def trained_looking(model: nn.Module) -> nn.Module:
+    """Random gates on a converted model, so every sample keeps its own channels."""
+    from dynprune import DynamicConv2d
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, DynamicConv2d):
+            with torch.no_grad():
+                # scales near 1 that vary per sample, so deep nets stay finite
+                m.gate.fc.weight.normal_(0, 0.3 / m.in_channels ** 0.5, generator=g)
+                m.gate.fc.bias.uniform_(0.8, 1.2, generator=g)
+    return model
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
