@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 import dynprune
-import dynprune.nn as dnn
 from dynprune.models import MODELS
 from dynprune.ops import dynamic_conv2d_reference
 from dynprune.residual import ResidualForward, fuse_residuals
