@@ -232,6 +232,9 @@ class ResidualForward:
     call; the trace is redone when a child module or a plain attribute of the
     module changes. Otherwise (training, autograd, torch.compile, fx tracing,
     keyword arguments) the class's ``forward``. Copies and pickles re-trace.
+    It calls the module it was made for: nn.DataParallel's replicas share it
+    and would run the original module (convert with ``fast_path=False`` for
+    that; DistributedDataParallel is unaffected).
     """
 
     def __init__(self, module: nn.Module):
