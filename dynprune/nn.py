@@ -332,7 +332,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not self.training and type(x) is torch.Tensor and not torch.is_grad_enabled()
-                and x.is_cpu and not torch.compiler.is_compiling()):
+                and x.is_cpu and not torch.compiler.is_compiling() and _tracing_state() is None):
             # The hot path of eager CPU inference: one pybind11 call into the
             # kernel (no autograd, no dispatcher argument boxing), which checks
             # x's rank, channels and dtype itself, with the errors below. When
@@ -353,7 +353,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
                             f"{self._parameters['weight'].dtype}")
         if self.training:
             return self.forward_dense(x)
-        compiling = torch.compiler.is_compiling()
+        compiling = _capturing()
         xp, padding = self._padding(x)
         weight, bias = self.inference_params()
         gate = self._modules["gate"]
@@ -366,7 +366,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             return gated_conv2d(xp, weight, bias, idx, scale, None, self.stride, padding,
                                 self.dilation, relu)
         # One call of the op: gate + gated conv. Marks are Python attributes on
-        # tensors: not while torch.compile traces.
+        # tensors: not while torch.compile or torch.jit.trace records.
         in_idx = None if compiling else _kept_channels(x)
         args = (x, weight, bias, gate_w, gate_b, priority, self.k, in_idx,
                 self.stride, padding, self.dilation, relu)
@@ -475,7 +475,7 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
         if (_EvalPlan is None or type(x) is not torch.Tensor or not x.is_cpu or x.dim() != 4
                 or x.dtype != torch.float32 or weight.dtype != torch.float32
                 or torch.is_grad_enabled() or self.groups != 1 or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or torch.compiler.is_compiling()):
+                or isinstance(self.padding, str) or _capturing()):
             return False
         n, _, h, w = x.shape
         out = n * self.out_channels * 4
@@ -510,6 +510,15 @@ _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
 
+_tracing_state = torch._C._get_tracing_state
+
+
+def _capturing() -> bool:
+    """True while torch.compile or torch.jit.trace records the model: the native
+    calls (pybind11, opaque to both) and the Python-side marks are left out then."""
+    return torch.compiler.is_compiling() or _tracing_state() is not None
+
+
 def _mark(y: torch.Tensor, idx: torch.Tensor, relu: bool) -> None:
     # Inference tensors have no version counter, so an in-place change could
     # not be detected: they are never marked (the chain then re-detects).
@@ -538,7 +547,8 @@ class ReLU(nn.ReLU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mark = None if torch.compiler.is_compiling() else _valid_mark(x)
+        mark = (None if torch.compiler.is_compiling() or _tracing_state() is not None
+                else _valid_mark(x))
         if mark is not None and mark[2]:
             return x
         return super().forward(x)
@@ -559,7 +569,7 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_max_pool2d_or_none is not None and type(x) is torch.Tensor
                 and not self.return_indices and not self.ceil_mode
-                and not torch.compiler.is_compiling()):
+                and not _capturing()):
             # The native pool, checks included, in one call (at batch 1 this
             # code runs cold after the stem conv); None: the routes below.
             y = _max_pool2d_or_none(x, self.kernel_size, self.stride, self.padding,
@@ -567,7 +577,7 @@ class MaxPool2d(nn.MaxPool2d):
             if y is not None:
                 return y
         if (x.dim() != 4 or x.device.type != "cpu" or self.return_indices
-                or not x.is_contiguous() or torch.compiler.is_compiling()):
+                or not x.is_contiguous() or _capturing()):
             return super().forward(x)
         y = super().forward(x.contiguous(memory_format=torch.channels_last))
         return y.contiguous()
@@ -585,7 +595,7 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_head_avg_pool is not None and type(x) is torch.Tensor
-                and self.output_size in (1, (1, 1), [1, 1]) and not torch.compiler.is_compiling()):
+                and self.output_size in (1, (1, 1), [1, 1]) and not _capturing()):
             y = _head_avg_pool(x)  # None where it does not apply
             if y is not None:
                 return y
@@ -614,7 +624,7 @@ class Linear(nn.Linear):
         # The checks are native (one call): at batch 1 this code runs cold
         # after the convs, where each Python-level check cost 6-27 us.
         if _head_linear is not None and type(x) is torch.Tensor \
-                and not torch.compiler.is_compiling():
+                and not _capturing():
             p = self._parameters
             y = _head_linear(x, p["weight"], p["bias"], LINEAR_NATIVE_MAX_BATCH)
             if y is not None:

@@ -27,6 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
+_tracing_state = torch._C._get_tracing_state  # torch.jit.trace recording: not None
+
 from dynprune import nn as dnn
 from dynprune.nn import DynamicConv2d
 
@@ -62,6 +64,7 @@ def conv_add_act(conv: nn.Module, mids: Tuple[nn.Module, ...], x, other, add: st
             and (act is None or isinstance(act, str)
                  or (type(act) in _RELU_MODULES and not _hooked(act)))
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _tracing_state() is None
             and not _global_hooks()):
         plan = conv._native_eval_plan()
         if plan is not None:
@@ -230,8 +233,8 @@ class ResidualForward:
     In eval mode without autograd, called with tensors only, it runs the
     module's forward as traced by torch.fx, each tail as a :func:`conv_add_act`
     call; the trace is redone when a child module or a plain attribute of the
-    module changes. Otherwise (training, autograd, torch.compile, fx tracing,
-    keyword arguments) the class's ``forward``. Copies and pickles re-trace.
+    module changes. Otherwise (training, autograd, torch.compile, torch.jit.trace,
+    fx tracing, keyword arguments) the class's ``forward``. Copies and pickles re-trace.
     It calls the module it was made for: nn.DataParallel's replicas share it
     and would run the original module (convert with ``fast_path=False`` for
     that; DistributedDataParallel is unaffected).
@@ -245,7 +248,7 @@ class ResidualForward:
         m = self.module
         if (not kwargs and not m.training and not torch.is_grad_enabled()
                 and all(type(a) is torch.Tensor for a in args)
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and _tracing_state() is None):
             if self._key is None or _guard_key(m, self._names) != self._key:
                 self._names = _plain_names(m)
                 self._fn, self._key = fused_forward(m), _guard_key(m, self._names)

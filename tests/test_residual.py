@@ -290,3 +290,16 @@ def test_copies_pickles_and_state_dict_are_unchanged():
         loaded = torch.load(buf, weights_only=False)
         assert loaded.layers[0].forward.module is loaded.layers[0]
         assert torch.equal(loaded(x), y)
+
+
+def test_jit_trace_records_the_ops_not_the_native_calls():
+    # pybind11 calls are opaque to torch.jit.trace: it would bake their results
+    # in as constants. While it records, every module takes the op path.
+    import warnings
+
+    model = converted(tiny_resnet())
+    x, other = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert torch.allclose(traced(other), model(other), rtol=1e-5, atol=1e-6)
