@@ -219,7 +219,8 @@ void finish_lanes(const CoutSample& s, int64_t j, int64_t plane, Epilogue ep, co
     for (int u = 0; u < left; ++u) {
       __m512 v = r[u];
       if (ep.res) {
-        v = _mm512_add_ps(rounded(v), _mm512_maskz_loadu_ps(mq, ep.res + s.out_ch[j + u] * plane + q0));
+        const float* res = ep.res + s.out_ch[j + u] * plane + q0;
+        v = _mm512_add_ps(rounded(v), _mm512_maskz_loadu_ps(mq, res));
         if (ep.relu) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
       }
       _mm512_mask_storeu_ps(y_n + s.out_ch[j + u] * plane + q0, mq, v);

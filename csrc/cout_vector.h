@@ -34,9 +34,10 @@ int64_t cout_tiles(int64_t k);
 int64_t cout_pack_floats(const Geometry& g, int64_t k);
 int64_t cout_acc_floats(const Geometry& g, int64_t k);
 
-// y_n[out_ch[j]] = act(scale[j] * (conv + bias[j]) [+ res]) (see Epilogue) for the kept channels j of
-// tiles [v0, v1) of one sample (j in [32*v0, 32*v1) and < k); the pruned
-// channels are left alone. Requires AVX-512.
+// y_n[out_ch[j]] = act(scale[j] * (conv + bias[j]) [+ res]) (see Epilogue)
+// for the kept channels j of tiles [v0, v1) of one sample (j in
+// [32*v0, 32*v1) and < k); the pruned channels are left alone. Requires
+// AVX-512.
 void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
                        int64_t v1, Epilogue ep, float* y_n, float* pack, float* acc);
 

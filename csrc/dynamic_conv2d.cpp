@@ -233,9 +233,11 @@ struct EvalPlan {
     return pybind11::cast(std::get<0>(*out));
   }
 
-  c10::optional<std::tuple<at::Tensor, at::Tensor>> call(const at::Tensor& x,
-                                                         const c10::optional<at::Tensor>& in_idx,
-                                                         bool act, const at::Tensor& residual) const {
+  // run()'s work with the activation `act` and an optional residual (see
+  // Epilogue); nullopt where the kernel does not take that residual.
+  c10::optional<std::tuple<at::Tensor, at::Tensor>> call(
+      const at::Tensor& x, const c10::optional<at::Tensor>& in_idx, bool act,
+      const at::Tensor& residual) const {
     TORCH_CHECK_VALUE(x.device().is_cpu(), "EvalPlan runs on CPU tensors, got ", x.device());
     // DynamicConv2d's own input checks (it skips them on this path), same errors.
     TORCH_CHECK_VALUE(x.dim() == 4, "DynamicConv2d expects a 4-D input [N, C, H, W], got ",
