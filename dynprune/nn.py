@@ -330,19 +330,25 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             guards.append((bn.__dict__, "eps", bn.eps, False))
         return guards
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eval_plan_for(self, x) -> Optional["_EvalPlan"]:
+        """The native plan when this call is eager CPU inference (eval, no
+        autograd, a plain CPU tensor, nothing recording the model), else None."""
         if (not self.training and type(x) is torch.Tensor and not torch.is_grad_enabled()
                 and x.is_cpu and not torch.compiler.is_compiling() and _tracing_state() is None):
+            return self._native_eval_plan()
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._eval_plan_for(x)
+        if plan is not None:
             # The hot path of eager CPU inference: one pybind11 call into the
             # kernel (no autograd, no dispatcher argument boxing), which checks
             # x's rank, channels and dtype itself, with the errors below. When
             # x is the untouched output of another DynamicConv2d, its kept
             # channels are our input channel list.
-            plan = self._native_eval_plan()
-            if plan is not None:
-                y, idx = plan.run(x, _kept_channels(x))
-                _mark(y, idx, self.relu or self.fuse_relu)
-                return y
+            y, idx = plan.run(x, _kept_channels(x))
+            _mark(y, idx, self.relu or self.fuse_relu)
+            return y
         if x.dim() != 4:
             raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W], got {x.dim()}-D")
         if x.shape[1] != self.in_channels:

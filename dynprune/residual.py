@@ -27,8 +27,6 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
-_tracing_state = torch._C._get_tracing_state  # torch.jit.trace recording: not None
-
 from dynprune import nn as dnn
 from dynprune.nn import DynamicConv2d
 
@@ -57,16 +55,13 @@ def conv_add_act(conv: nn.Module, mids: Tuple[nn.Module, ...], x, other, add: st
     native call (``EvalPlan.run_residual``). Otherwise the modules and ops in
     turn, hooks and all.
     """
-    if (type(x) is torch.Tensor and type(other) is torch.Tensor and x.is_cpu
-            and isinstance(conv, DynamicConv2d) and not conv.training
+    if (isinstance(conv, DynamicConv2d) and type(other) is torch.Tensor
             and not (conv.relu or conv.fuse_relu) and not _hooked(conv)
             and all(type(m) is nn.Identity and not _hooked(m) for m in mids)
             and (act is None or isinstance(act, str)
                  or (type(act) in _RELU_MODULES and not _hooked(act)))
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and _tracing_state() is None
             and not _global_hooks()):
-        plan = conv._native_eval_plan()
+        plan = conv._eval_plan_for(x)  # the conditions of its own native path
         if plan is not None:
             y = plan.run_residual(x, dnn._kept_channels(x), other, act is not None)
             if y is not None:
@@ -248,7 +243,7 @@ class ResidualForward:
         m = self.module
         if (not kwargs and not m.training and not torch.is_grad_enabled()
                 and all(type(a) is torch.Tensor for a in args)
-                and not torch.compiler.is_compiling() and _tracing_state() is None):
+                and not torch.compiler.is_compiling() and dnn._tracing_state() is None):
             if self._key is None or _guard_key(m, self._names) != self._key:
                 self._names = _plain_names(m)
                 self._fn, self._key = fused_forward(m), _guard_key(m, self._names)
