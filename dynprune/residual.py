@@ -105,9 +105,9 @@ def _add_form(node: fx.Node, y: fx.Node) -> Optional[Tuple[str, fx.Node, bool]]:
         return "add", other, a is y
     if node.op == "call_method" and fn == "add":
         return "add", other, a is y
-    # In place: only y itself may be the one updated (the fused call writes a new tensor).
-    if a is y and ((node.op == "call_function" and fn == operator.iadd)
-                   or (node.op == "call_method" and fn == "add_")):
+    # y.add_(other): in place on y only (the fused call writes a new tensor).
+    # (`y += other` never gets here: fx traces it as y + other.)
+    if a is y and node.op == "call_method" and fn == "add_":
         return "iadd", other, True
     return None
 

@@ -273,6 +273,19 @@ def test_only_tails_that_are_safe_to_fuse():
     with torch.no_grad():
         assert torch.equal(chain(x), type(chain).forward(chain, x))
 
+    class AddInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = conv()
+
+        def forward(self, x):
+            return self.a(x).add_(torch.relu(x)).relu_()  # in place on the conv's output
+
+    tail = AddInPlace().eval()
+    assert fuse_residuals(tail) == [""]
+    with torch.no_grad():
+        assert torch.equal(tail(x), type(tail).forward(tail, x))
+
 
 def test_copies_pickles_and_state_dict_are_unchanged():
     model = converted(tiny_resnet())
