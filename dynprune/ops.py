@@ -21,6 +21,7 @@ when the op is called on tensors that require grad.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import Optional, Sequence
@@ -53,6 +54,10 @@ _BACKENDS = {"cpu": "reference", "cuda": "reference"}
 
 def _load_native() -> Optional[str]:
     """Load dynprune._C (registers the CPU kernels). Returns the failure reason."""
+    # Say plainly when the library is absent: Python's own message for a missing
+    # submodule of a package still initialising blames a circular import.
+    if importlib.util.find_spec("dynprune._C") is None:
+        return "the extension is not built (no dynprune/_C library next to the package)"
     try:
         from dynprune import _C  # noqa: F401
     except Exception as exc:  # ImportError, undefined symbol, ABI mismatch, ...

@@ -5,6 +5,7 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -1228,3 +1229,45 @@ def test_release_memory_frees_idle_outputs():
     else:
         assert freed == 0
     assert dynprune.release_memory() == 0
+
+
+def test_missing_extension_warns_plainly_and_falls_back(tmp_path):
+    """A package copy without the built library imports, says the extension is
+    not built (not Python's misleading circular-import message) and still
+    computes correct results with the reference op."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    src = Path(dynprune.__file__).parent
+    shutil.copytree(src, tmp_path / "dynprune", symlinks=False,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    script = textwrap.dedent("""
+        import os, sys, warnings
+        # an editable install's finder would still serve the real dynprune._C
+        sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(
+            f, "__name__", type(f).__name__)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, dynprune
+        assert dynprune.__file__.startswith(os.getcwd()), dynprune.__file__
+        messages = [str(w.message) for w in caught if "native CPU kernels" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "not built" in messages[0] and "circular" not in messages[0], messages[0]
+        info = dynprune.backends()
+        assert info["cpu"] == "reference", info
+        x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+        idx = torch.tensor([[0, 2], [1, 4]])
+        y = dynprune.gated_conv2d(x, w, None, idx, None, None, (1, 1), (1, 1), (1, 1), False)
+        ref = torch.nn.functional.conv2d(x, w, padding=1)
+        for n in range(2):
+            torch.testing.assert_close(y[n, idx[n]], ref[n, idx[n]])
+            pruned = [c for c in range(5) if c not in idx[n].tolist()]
+            assert (y[n, pruned] == 0).all()
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
