@@ -446,10 +446,62 @@ def test_flops_counts_skipped_channels():
 
 
 def test_torch_compile_converted_model():
+    """One graph (fullgraph=True raises at a graph break), also after eager
+    calls filled the eval caches: comparing the BN fold cache's version
+    counters once broke the graph at every layer."""
     model = randomize_bn(tiny_resnet())
     dynprune.convert(model, keep_ratio=0.5).eval()
     x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = model(x)
-        compiled = torch.compile(model, backend="aot_eager")(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
     assert rel_err(compiled, eager) < 1e-5
+
+
+def _half_cast_case():
+    """A layer whose filter norms differ by less than a bfloat16 step."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(6.0 / conv.weight.abs().flatten(1).sum(1)[:, None, None, None])
+        conv.weight[:, 0, 0, 0] += torch.randperm(12) * 1e-3  # norms 6.000 .. 6.011
+    return DynamicConv2d.from_conv(conv, keep_ratio=0.5).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_casts_keep_the_channel_ranking(dtype):
+    from dynprune.nn import _ranking
+
+    layer = _half_cast_case()
+    ranking = _ranking(layer.gate.priority)
+    assert not torch.equal(_ranking(layer.gate.priority.bfloat16()), ranking)  # a plain cast ties
+    x = torch.randn(3, 6, 5, 5)
+    with torch.no_grad():
+        kept = layer(x).abs().sum((2, 3)) > 0
+        low = copy.deepcopy(layer).to(dtype)
+        assert low.gate.priority.dtype == dtype
+        assert torch.equal(_ranking(low.gate.priority), ranking)
+        assert torch.equal(low(x.to(dtype)).abs().sum((2, 3)) > 0, kept)
+        back = copy.deepcopy(low).float()
+        assert torch.equal(_ranking(back.gate.priority), ranking)
+        # a float32 state_dict loaded into the 16-bit layer keeps it too
+        fresh = copy.deepcopy(low)
+        fresh.gate.priority.zero_()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(_ranking(fresh.gate.priority), ranking)
+
+
+def test_half_precision_converted_resnet_keeps_its_channels():
+    """ResNet-20's filter norms sit closer than a float16 step: before the
+    casts kept the ranking, .half() kept other channels (24% off)."""
+    from dynprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = dynprune.convert(resnet20(num_classes=10), keep_ratio=0.5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        half = copy.deepcopy(model).half()(x.half())
+    assert rel_err(half.double(), ref) < 1e-2
