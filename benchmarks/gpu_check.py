@@ -7,7 +7,8 @@
    float16 and bfloat16, random per-sample kept sets and zero input channels.
 2. A converted ResNet-18 on the GPU against the same model on the CPU, with
    torch.cuda.set_sync_debug_mode("error") around its forward pass: the CUDA
-   path must not synchronise with the host.
+   path must not synchronise with the host; then the model in float16 against
+   it in float64.
 3. Speed (triton.testing.do_bench: CUDA events, medians), per layer, batch 1
    and 64, float16 and float32 (cuDNN may use TF32, as the kernel does):
      dense    cuDNN conv of the full layer
@@ -25,6 +26,7 @@ Uses nothing but torch, triton and this project.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -128,7 +130,16 @@ def check_model(batch: int = 4) -> bool:
     print(f"model: converted ResNet-18 (keep 0.5) on {DEV} vs CPU, batch {batch}: "
           f"max-normalised error {err:.2e}; host sync in forward: {synced or 'none'} "
           f"{'ok' if good else 'FAIL'}  backends {dynprune.backends()}")
-    return good
+    # The same model cast to float16 keeps its channel ranking (ChannelGate's
+    # casts), so it keeps the float32 model's channels: compare with float64.
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).cpu().double()(x.double())
+        y16 = model.half()(xg.half())
+    err16 = float((y16.double().cpu() - ref64).abs().max() / ref64.abs().max().clamp_min(1e-6))
+    good16 = err16 < 2e-2
+    print(f"model: the same in float16 on {DEV} vs float64 on the CPU: max-normalised error "
+          f"{err16:.2e} {'ok' if good16 else 'FAIL'}")
+    return good and good16
 
 
 def bench(fn, graph: bool) -> float:
