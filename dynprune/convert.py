@@ -1,11 +1,11 @@
 """convert(model): make any CNN dynamic in place, fusing Conv -> BatchNorm pairs."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch.fx
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from dynprune import nn as dnn
@@ -146,9 +146,20 @@ def _fast_ops(model: nn.Module) -> None:
             mod.__class__ = dnn.Linear
 
 
+def _plain_conv(conv: nn.Conv2d) -> bool:
+    """nn.Conv2d, or a subclass that keeps its forward (a parametrized conv,
+    whose weight property a DynamicConv2d copies). A subclass with its own
+    forward (weight standardisation, timm's dynamic 'same' padding, QAT)
+    computes something a DynamicConv2d would not: converting one lost its
+    forward silently (93% off on a weight-standardised conv, keep_ratio=1)."""
+    cls = type(conv)
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+
+
 def _convertible(conv: nn.Conv2d) -> bool:
-    """Grouped/depthwise convs and non-zero padding modes stay dense."""
-    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv, DynamicConv2d)
+    """Grouped/depthwise convs, non-zero padding modes and convs with their own
+    forward (DynamicConv2d and Conv2dBN included) stay as they are."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and _plain_conv(conv)
 
 
 def convert(
@@ -189,8 +200,13 @@ def convert(
             ``forward``). Training is unchanged.
 
     Grouped and depthwise convs (MobileNet) and convs with a non-'zeros'
-    padding_mode are left dense. Freshly converted gates are neutral (scale 1)
-    and rank channels by filter norm until trained.
+    padding_mode are left dense, and so are nn.Conv2d subclasses with their
+    own forward (weight standardisation, dynamic 'same' padding, QAT), with a
+    warning: a DynamicConv2d would not compute what they do. Freshly converted
+    gates are neutral (scale 1) and rank channels by filter norm until trained.
+    A second call leaves converted layers as they are, and raises ValueError
+    where their keep ratio differs from ``keep_ratio`` (set
+    ``DynamicConv2d.keep_ratio`` to change it).
     """
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
             or not 0.0 < keep_ratio <= 1.0:
@@ -202,10 +218,28 @@ def convert(
     convs: List[str] = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
     if skip_first and convs:
         convs = convs[1:]
+    foreign = sorted({type(modules[n]).__name__ for n in convs
+                      if not _plain_conv(modules[n])
+                      and not isinstance(modules[n], (DynamicConv2d, dnn.Conv2dBN))})
+    if foreign:
+        warnings.warn(f"dynprune.convert: left dense the convs of class {', '.join(foreign)}: "
+                      "their own forward computes something DynamicConv2d would not. Replace "
+                      "them with nn.Conv2d first to convert them.", UserWarning, stacklevel=2)
+    convs = [n for n in convs if (_convertible(modules[n]) or isinstance(modules[n], DynamicConv2d))
+             and (filter_fn is None or filter_fn(modules[n], n))]
+    # A second call must not leave layers at another keep ratio than asked
+    # (checked before anything changes).
+    for name in convs:
+        conv = modules[name]
+        if isinstance(conv, DynamicConv2d) and conv.keep_ratio != keep_ratio:
+            raise ValueError(
+                f"{name!r} is already a DynamicConv2d with keep_ratio {conv.keep_ratio}, not "
+                f"{keep_ratio}: convert() does not change converted layers; set their "
+                "keep_ratio attribute, or convert a fresh copy of the model")
     pairs = _conv_bn_pairs(model) if fuse_bn else {}
     for name in convs:
         conv = modules[name]
-        if not _convertible(conv) or (filter_fn is not None and not filter_fn(conv, name)):
+        if isinstance(conv, DynamicConv2d):
             continue
         bn_name = pairs.pop(name, None)
         bn = modules[bn_name] if bn_name is not None else None

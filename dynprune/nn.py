@@ -136,7 +136,10 @@ class _FoldsBatchNorm:
         if bn.affine:
             b = b + bn.bias
         w = self.weight * mult.view(-1, 1, 1, 1)
-        if cacheable:
+        # Only real tensors: convert()'s torch.fx traces run this forward with
+        # Proxies, and a cached Proxy (convert() under no_grad) made the next
+        # real forward raise fx's TraceError.
+        if cacheable and isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor):
             self._fold_cache = (tensors, versions, w, b)
         return w, b
 

@@ -505,3 +505,63 @@ def test_half_precision_converted_resnet_keeps_its_channels():
         ref = copy.deepcopy(model).double()(x.double())
         half = copy.deepcopy(model).half()(x.half())
     assert rel_err(half.double(), ref) < 1e-2
+
+
+class _StdConv2d(nn.Conv2d):
+    """A conv with its own forward (weight standardisation, as in BiT/NFNet)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_convert_leaves_conv_subclasses_with_their_own_forward_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1)),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match="_StdConv2d"):
+        dynprune.convert(model, keep_ratio=1.0)
+    assert type(model[2]) is _StdConv2d
+    assert isinstance(model[4], DynamicConv2d)  # parametrized: same forward, weight copied
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-5
+
+
+def test_convert_twice():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                       nn.ReLU())).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+        dynprune.convert(model, keep_ratio=1.0)
+        # the dense stem (a Conv2dBN now) keeps its BN even when no longer skipped
+        dynprune.convert(model, keep_ratio=1.0, skip_first=False)
+        assert type(model[0]) is dynprune.nn.Conv2dBN and isinstance(model[3], DynamicConv2d)
+        assert rel_err(model(x), ref) < 1e-5
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match="already a DynamicConv2d with keep_ratio 1.0"):
+            dynprune.convert(model, keep_ratio=0.5)
+        assert model[3].keep_ratio == 1.0
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convert_under_no_grad_then_infer():
+    """convert()'s fx traces run the dense stem's forward (a Conv2dBN) with
+    Proxies; under no_grad its BN-fold cache once kept them, and the next real
+    forward raised fx's TraceError."""
+    torch.manual_seed(0)
+    model = randomize_bn(tiny_resnet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        dynprune.convert(model, keep_ratio=1.0)
+        assert rel_err(model(x), ref) < 1e-5
