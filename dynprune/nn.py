@@ -95,6 +95,17 @@ def _ranking_kept(priority: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (one.to(priority.device).view(torch.int16) + steps).view(dtype)
 
 
+def _copy_bn(bn: nn.BatchNorm2d, like: torch.Tensor) -> nn.BatchNorm2d:
+    """A copy of ``bn`` (affine or not) on ``like``'s device and dtype. (A
+    default BatchNorm2d could not load an affine=False one's state: convert()
+    raised on Conv -> BatchNorm2d(affine=False).)"""
+    copy = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                          device=like.device, dtype=like.dtype)
+    copy.load_state_dict(bn.state_dict())
+    copy.train(bn.training)
+    return copy
+
+
 class _FoldsBatchNorm:
     """Mixin for a conv module with an optional ``bn`` (BatchNorm2d after the conv):
     the eval weight and bias with BN folded in, cached while valid."""
@@ -263,8 +274,10 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        if bn is not None and (not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels):
-            raise ValueError("bn must be an nn.BatchNorm2d with conv.out_channels features")
+        if bn is not None and (not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels
+                               or not bn.track_running_stats):
+            raise ValueError("bn must be an nn.BatchNorm2d with conv.out_channels features and "
+                             "running statistics (track_running_stats=True)")
         w = conv.weight
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
@@ -276,8 +289,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
                 m.bias.copy_(conv.bias)
             priority = w.detach().abs().flatten(1).sum(1)
             if bn is not None:
-                m.bn.load_state_dict(bn.state_dict())
-                m.bn.train(bn.training)
+                m.bn = _copy_bn(bn, w)
                 if bn.affine:
                     priority = priority * (bn.weight.detach().abs() /
                                            torch.sqrt(bn.running_var + bn.eps))
@@ -489,9 +501,7 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
             m.weight.copy_(w)
             if conv.bias is not None:
                 m.bias.copy_(conv.bias)
-        m.bn.load_state_dict(bn.state_dict())
-        m.bn.momentum, m.bn.eps = bn.momentum, bn.eps
-        m.bn.train(bn.training)
+        m.bn = _copy_bn(bn, w)
         m.train(conv.training)
         return m
 

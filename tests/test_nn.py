@@ -565,3 +565,37 @@ def test_convert_under_no_grad_then_infer():
         ref = model(x)
         dynprune.convert(model, keep_ratio=1.0)
         assert rel_err(model(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_convert_keeps_the_batchnorm_configuration(affine):
+    """The fused BN keeps eps, momentum and affine=False (eps and momentum were
+    reset to the defaults: 3% off with eps=0.1; affine=False raised)."""
+    torch.manual_seed(0)
+
+    def bn():
+        b = nn.BatchNorm2d(8, eps=0.1, momentum=0.3, affine=affine)
+        with torch.no_grad():
+            b.running_mean.uniform_(-1, 1)
+            b.running_var.uniform_(0.05, 0.5)
+            if affine:
+                b.weight.uniform_(0.5, 1.5)
+                b.bias.uniform_(-1, 1)
+        return b
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn(), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), bn(),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    dynprune.convert(model, keep_ratio=1.0)
+    assert type(model[0]) is dynprune.nn.Conv2dBN and isinstance(model[3], DynamicConv2d)
+    for m in (model[0].bn, model[3].bn):
+        assert (m.eps, m.momentum, m.affine) == (0.1, 0.3, affine)
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-5
+
+
+def test_from_conv_rejects_batchnorm_without_running_stats():
+    with pytest.raises(ValueError, match="running statistics"):
+        DynamicConv2d.from_conv(nn.Conv2d(3, 8, 3), bn=nn.BatchNorm2d(8, track_running_stats=False))
