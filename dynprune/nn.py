@@ -79,20 +79,28 @@ def _ranking(priority: torch.Tensor) -> torch.Tensor:
 
 
 def _ranking_kept(priority: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``priority`` in ``dtype`` with the same channel ranking. Where a plain
-    cast would tie or reorder channels (16-bit floats), the channels get the
-    distinct values 1.0, 1.0 + 1 ulp, ... of ``dtype`` in ranking order."""
+    """``priority`` in ``dtype`` with the same channel ranking: the plain cast
+    where it keeps the ranking, else :func:`_ranking_values`."""
     cast = priority.to(dtype)
     if not dtype.is_floating_point or torch.equal(_ranking(cast), _ranking(priority)):
         return cast
-    c = priority.numel()
-    one = torch.ones((), dtype=dtype)
-    if one.element_size() != 2 or c > 16383:  # 16383 steps from 1.0 stay finite
+    return _ranking_values(priority, dtype)
+
+
+def _ranking_values(priority: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The channels' ranking as the distinct values 1.0, 1.0 + 1 ulp, ... of the
+    16-bit float ``dtype`` (``priority`` itself where it already is ``dtype``).
+    No host synchronisation: usable in a CUDA forward pass."""
+    if priority.dtype == dtype:
+        return priority
+    c, device = priority.numel(), priority.device
+    if dtype.itemsize != 2 or not dtype.is_floating_point or c > 16383:
+        # (16383 steps from 1.0 stay finite in float16 and bfloat16)
         raise ValueError(f"cannot keep the ranking of {c} channel priorities in {dtype}")
-    steps = torch.empty(c, dtype=torch.int16, device=priority.device)
-    steps[_ranking(priority)] = torch.arange(c - 1, -1, -1, dtype=torch.int16,
-                                             device=priority.device)
-    return (one.to(priority.device).view(torch.int16) + steps).view(dtype)
+    steps = torch.empty(c, dtype=torch.int16, device=device)
+    steps[_ranking(priority)] = torch.arange(c - 1, -1, -1, dtype=torch.int16, device=device)
+    one = torch.ones((), dtype=dtype, device=device).view(torch.int16)
+    return (one + steps).view(dtype)
 
 
 def _copy_bn(bn: nn.BatchNorm2d, like: torch.Tensor) -> nn.BatchNorm2d:
@@ -395,7 +403,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         """The native plan when this call is eager CPU inference (eval, no
         autograd, a plain CPU tensor, nothing recording the model), else None."""
         if (not self.training and type(x) is torch.Tensor and not torch.is_grad_enabled()
-                and x.is_cpu and not torch.compiler.is_compiling() and _tracing_state() is None):
+                and x.is_cpu and not torch.compiler.is_compiling() and _tracing_state() is None
+                and not _any_autocast()):
             return self._native_eval_plan()
         return None
 
@@ -415,18 +424,23 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d expects {self.in_channels} input channels, "
                              f"got {x.shape[1]}")
-        if x.dtype != self._parameters["weight"].dtype:
+        cast = _autocast_dtype(x)
+        if cast is None and x.dtype != self._parameters["weight"].dtype:
             raise TypeError(f"dtype mismatch: input is {x.dtype} but DynamicConv2d weights are "
                             f"{self._parameters['weight'].dtype}")
         if self.training:
-            return self.forward_dense(x)
+            return self.forward_dense(x)  # F.conv2d follows autocast itself
         compiling = _capturing()
-        xp, padding = self._padding(x)
         weight, bias = self.inference_params()
         gate = self._modules["gate"]
         fc_params = gate._modules["fc"]._parameters
         gate_w, gate_b = fc_params["weight"], fc_params["bias"]
         priority = gate._buffers["priority"]
+        if cast is not None:  # compute in the autocast dtype, as nn.Conv2d does there
+            x, weight, gate_w, gate_b = (t.to(cast) for t in (x, weight, gate_w, gate_b))
+            bias = bias.to(cast) if bias is not None else None
+            priority = _ranking_values(priority, cast)
+        xp, padding = self._padding(x)
         relu = self.relu or self.fuse_relu
         if xp is not x:  # asymmetric 'same' padding: the gate pools the unpadded input
             idx, scale = gate.select(gate.saliency(x), self.k)
@@ -540,7 +554,7 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
         if (_EvalPlan is None or type(x) is not torch.Tensor or not x.is_cpu or x.dim() != 4
                 or x.dtype != torch.float32 or weight.dtype != torch.float32
                 or torch.is_grad_enabled() or self.groups != 1 or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or _capturing()):
+                or isinstance(self.padding, str) or _capturing() or _any_autocast()):
             return False
         n, _, h, w = x.shape
         out = n * self.out_channels * 4
@@ -576,6 +590,18 @@ _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
 
 
 _tracing_state = torch._C._get_tracing_state
+# Whether any torch.autocast is active (the float32 native paths step aside):
+# ~60 ns a call less than torch.is_autocast_enabled("cpu"), on the hot path.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cpu"))
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast computes convolutions in on x's device, or None."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def _capturing() -> bool:
@@ -689,7 +715,7 @@ class Linear(nn.Linear):
         # The checks are native (one call): at batch 1 this code runs cold
         # after the convs, where each Python-level check cost 6-27 us.
         if _head_linear is not None and type(x) is torch.Tensor \
-                and not _capturing():
+                and not _capturing() and not _any_autocast():
             p = self._parameters
             y = _head_linear(x, p["weight"], p["bias"], LINEAR_NATIVE_MAX_BATCH)
             if y is not None:

@@ -599,3 +599,34 @@ def test_convert_keeps_the_batchnorm_configuration(affine):
 def test_from_conv_rejects_batchnorm_without_running_stats():
     with pytest.raises(ValueError, match="running statistics"):
         DynamicConv2d.from_conv(nn.Conv2d(3, 8, 3), bn=nn.BatchNorm2d(8, track_running_stats=False))
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    """Under torch.autocast a converted model runs as nn.Conv2d does there (it
+    raised a dtype mismatch): eval and training, kept channels as in float32."""
+    torch.manual_seed(0)
+    layer = _half_cast_case()  # filter norms closer than a bfloat16 step
+    x = torch.randn(3, 6, 5, 5)
+    with torch.no_grad():
+        kept = layer(x).abs().sum((2, 3)) > 0
+        ref = copy.deepcopy(layer).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.abs().sum((2, 3)) > 0, kept)
+    assert rel_err(y.double(), ref) < 3e-2
+
+    model = randomize_bn(tiny_resnet())
+    dynprune.convert(model, keep_ratio=0.5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+    assert rel_err(y.double(), ref) < 3e-2
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean() + 1e-3 * dynprune.saliency_loss(model)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
