@@ -7,8 +7,8 @@
    float16 and bfloat16, random per-sample kept sets and zero input channels.
 2. A converted ResNet-18 on the GPU against the same model on the CPU, with
    torch.cuda.set_sync_debug_mode("error") around its forward pass: the CUDA
-   path must not synchronise with the host; then the model in float16 against
-   it in float64.
+   path must not synchronise with the host; then the model in float16, and
+   under torch.autocast(float16), against it in float64.
 3. Speed (triton.testing.do_bench: CUDA events, medians), per layer, batch 1
    and 64, float16 and float32 (cuDNN may use TF32, as the kernel does):
      dense    cuDNN conv of the full layer
@@ -134,11 +134,28 @@ def check_model(batch: int = 4) -> bool:
     # casts), so it keeps the float32 model's channels: compare with float64.
     with torch.no_grad():
         ref64 = copy.deepcopy(model).cpu().double()(x.double())
+        # Under autocast (float16) the float32 model computes its convs in float16.
+        synced_ac = None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast(DEV, dtype=torch.float16):
+                yac = model(xg)
+        except RuntimeError as exc:
+            synced_ac = str(exc).splitlines()[0]
+            with torch.autocast(DEV, dtype=torch.float16):
+                yac = model(xg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         y16 = model.half()(xg.half())
-    err16 = float((y16.double().cpu() - ref64).abs().max() / ref64.abs().max().clamp_min(1e-6))
-    good16 = err16 < 2e-2
+
+    def err64(y):
+        return float((y.double().cpu() - ref64).abs().max() / ref64.abs().max().clamp_min(1e-6))
+
+    err16, errac = err64(y16), err64(yac)
+    good16 = err16 < 2e-2 and errac < 2e-2 and yac.dtype == torch.float16 and synced_ac is None
     print(f"model: the same in float16 on {DEV} vs float64 on the CPU: max-normalised error "
-          f"{err16:.2e} {'ok' if good16 else 'FAIL'}")
+          f"{err16:.2e}; under torch.autocast(float16) {errac:.2e} ({yac.dtype}, host sync: "
+          f"{synced_ac or 'none'}) {'ok' if good16 else 'FAIL'}")
     return good and good16
 
 
