@@ -107,11 +107,11 @@ def _copy_bn(bn: nn.BatchNorm2d, like: torch.Tensor) -> nn.BatchNorm2d:
     """A copy of ``bn`` (affine or not) on ``like``'s device and dtype. (A
     default BatchNorm2d could not load an affine=False one's state: convert()
     raised on Conv -> BatchNorm2d(affine=False).)"""
-    copy = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+    twin = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                           device=like.device, dtype=like.dtype)
-    copy.load_state_dict(bn.state_dict())
-    copy.train(bn.training)
-    return copy
+    twin.load_state_dict(bn.state_dict())
+    twin.train(bn.training)
+    return twin
 
 
 class _FoldsBatchNorm:
