@@ -20,7 +20,7 @@ if os.environ.get("DYNPRUNE_NO_EXT", "0") != "1":
             "dynprune._C",
             sources=["csrc/gated_conv2d.cpp", "csrc/sparse_f32.cpp", "csrc/dynamic_conv2d.cpp",
                      "csrc/max_pool2d.cpp", "csrc/cout_vector.cpp", "csrc/output_pool.cpp",
-                     "csrc/head_ops.cpp"],
+                     "csrc/head_ops.cpp", "csrc/depthwise_conv2d.cpp"],
             extra_compile_args={"cxx": flags},
             extra_link_args=["-fopenmp"],
             depends=["csrc/microkernel.h", "csrc/cout_tile.h", "csrc/cout_vector.h", "csrc/gated_conv2d.h", "csrc/output_pool.h"],

@@ -301,3 +301,61 @@ def test_maxpool_native_entry_reads_module_arguments_or_declines():
     assert entry(x[0], 3, 2, 1, 1) is None  # 3-D
     assert entry(x, 2, 2, 2, 1) is None  # padding over half the window: nn.MaxPool2d's error
     assert entry(x.clone().requires_grad_(), 3, 2, 1, 1) is None
+
+
+def _depthwise_bn(c, stride, bias):
+    conv = nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=bias)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return dnn.Conv2dBN.from_conv(conv, bn).eval()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_native_matches_float64(stride, bias):
+    """Conv2dBN's native depthwise 3x3 against F.conv2d + BatchNorm in float64,
+    on random shapes (odd sizes, 1-pixel maps, several planes a thread)."""
+    gen = torch.Generator().manual_seed(stride * 2 + bias)
+    for _ in range(25):
+        n, c = (int(v) for v in torch.randint(1, 5, (2,), generator=gen))
+        c = c * int(torch.randint(1, 20, (), generator=gen)) + 1  # groups > 1: depthwise
+        h, w = (int(v) for v in torch.randint(1, 40, (2,), generator=gen))
+        layer = _depthwise_bn(c, stride, bias)
+        x = torch.randn(n, c, h, w, generator=gen)
+        ref = copy.deepcopy(layer).double()
+        ref.train(False)
+        with torch.no_grad():
+            want = ref.bn(ref._conv_forward(x.double(), ref.weight, ref.bias))
+
+            def no_fallback(*args):
+                raise AssertionError("F.conv2d ran: the native depthwise declined")
+            layer._conv_forward = no_fallback
+            y = layer(x)
+        assert y.shape == want.shape
+        assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_depthwise_native_declines_what_it_does_not_cover():
+    from dynprune._C import depthwise3x3_or_none
+
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(4)
+    assert depthwise3x3_or_none(x, w, b, 4, [1, 1], [1, 1], [1, 1]) is not None
+    for args in ([x, w, b, 4, [1, 1], [0, 0], [1, 1]],                # padding 0
+                 [x, w, b, 4, [3, 3], [1, 1], [1, 1]],                # stride 3
+                 [x, w, b, 4, [1, 1], [1, 1], [2, 2]],                # dilation 2
+                 [x, torch.randn(4, 1, 5, 5), b, 4, [1, 1], [1, 1], [1, 1]],  # 5x5
+                 [x, torch.randn(8, 1, 3, 3), None, 4, [1, 1], [1, 1], [1, 1]],  # multiplier 2
+                 [x.double(), w.double(), None, 4, [1, 1], [1, 1], [1, 1]],
+                 [x.transpose(2, 3), w, b, 4, [1, 1], [1, 1], [1, 1]],  # not contiguous
+                 [x.requires_grad_(), w, b, 4, [1, 1], [1, 1], [1, 1]]):
+        assert depthwise3x3_or_none(*args) is None
+    # the module still computes those through F.conv2d
+    layer = _depthwise_bn(4, 1, True)
+    xt = torch.randn(2, 4, 6, 6).transpose(2, 3)
+    with torch.no_grad():
+        want = layer.bn(layer._conv_forward(xt, layer.weight, layer.bias))
+        assert torch.allclose(layer(xt), want, rtol=1e-5, atol=1e-5)
