@@ -366,9 +366,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias"), pybind11::arg("max_batch"),
         "linear_small_batch for a float32 CPU batch of at most max_batch rows without "
         "autograd, else None");
-  m.def("depthwise3x3_or_none", &dynprune::depthwise3x3_or_none, pybind11::arg("x"),
+  m.def("depthwise_or_none", &dynprune::depthwise_or_none, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("groups"),
         pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
-        "Depthwise 3x3 conv (padding 1, stride 1 or 2) of a contiguous float32 CPU x "
+        "Depthwise 3x3 or 5x5 conv (padding K / 2, stride 1 or 2) of a contiguous float32 CPU x "
         "without autograd, else None");
 }

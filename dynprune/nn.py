@@ -523,12 +523,12 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
         if self.training:
             return self.bn(self._conv_forward(x, self.weight, self.bias))
         weight, bias = self.inference_params()
-        if (self.groups > 1 and _depthwise3x3_or_none is not None and type(x) is torch.Tensor
+        if (self.groups > 1 and _depthwise_or_none is not None and type(x) is torch.Tensor
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not _capturing() and not _any_autocast()):
-            # A depthwise 3x3 (MobileNet): the native kernel where it applies,
+            # A depthwise 3x3 or 5x5 (MobileNets, EfficientNet): the native kernel where it applies,
             # which checks the rest itself; None: F.conv2d below.
-            y = _depthwise3x3_or_none(x, weight, bias, self.groups, self.stride, self.padding,
+            y = _depthwise_or_none(x, weight, bias, self.groups, self.stride, self.padding,
                                       self.dilation)
             if y is not None:
                 return y
@@ -591,10 +591,10 @@ try:  # the native extension's eval entry points (None: the reference backend)
     from dynprune._C import head_avg_pool as _head_avg_pool
     from dynprune._C import head_linear as _head_linear
     from dynprune._C import max_pool2d_or_none as _max_pool2d_or_none
-    from dynprune._C import depthwise3x3_or_none as _depthwise3x3_or_none
+    from dynprune._C import depthwise_or_none as _depthwise_or_none
 except Exception:  # missing or broken build: ops.py has warned once already
     _EvalPlan = _max_pool2d_or_none = _head_avg_pool = _head_linear = None
-    _depthwise3x3_or_none = None
+    _depthwise_or_none = None
 
 _BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                  "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}

@@ -316,8 +316,8 @@ def _cpu_has_avx512():
             and "DYNPRUNE_DISABLE_AVX512" not in os.environ)
 
 
-def _depthwise_bn(c, stride, bias):
-    conv = nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=bias)
+def _depthwise_bn(c, stride, bias, k=3):
+    conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c, bias=bias)
     bn = nn.BatchNorm2d(c)
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
@@ -327,17 +327,18 @@ def _depthwise_bn(c, stride, bias):
     return dnn.Conv2dBN.from_conv(conv, bn).eval()
 
 
+@pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_depthwise_native_matches_float64(stride, bias):
-    """Conv2dBN's native depthwise 3x3 against F.conv2d + BatchNorm in float64,
-    on random shapes (odd sizes, 1-pixel maps, several planes a thread)."""
-    gen = torch.Generator().manual_seed(stride * 2 + bias)
+def test_depthwise_native_matches_float64(k, stride, bias):
+    """Conv2dBN's native depthwise 3x3 / 5x5 against F.conv2d + BatchNorm in
+    float64, on random shapes (odd sizes, 1-pixel maps, several planes a thread)."""
+    gen = torch.Generator().manual_seed(k * 4 + stride * 2 + bias)
     for _ in range(25):
         n, c = (int(v) for v in torch.randint(1, 5, (2,), generator=gen))
         c = c * int(torch.randint(1, 20, (), generator=gen)) + 1  # groups > 1: depthwise
         h, w = (int(v) for v in torch.randint(1, 40, (2,), generator=gen))
-        layer = _depthwise_bn(c, stride, bias)
+        layer = _depthwise_bn(c, stride, bias, k)
         x = torch.randn(n, c, h, w, generator=gen)
         ref = copy.deepcopy(layer).double()
         ref.train(False)
@@ -354,20 +355,22 @@ def test_depthwise_native_matches_float64(stride, bias):
 
 
 def test_depthwise_native_declines_what_it_does_not_cover():
-    from dynprune._C import depthwise3x3_or_none
+    from dynprune._C import depthwise_or_none
 
     x, w, b = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(4)
-    assert (depthwise3x3_or_none(x, w, b, 4, [1, 1], [1, 1], [1, 1]) is not None) \
-        == _cpu_has_avx512()
+    for weight, pad in ((w, 1), (torch.randn(4, 1, 5, 5), 2)):
+        got = depthwise_or_none(x, weight, b, 4, [2, 2], [pad, pad], [1, 1])
+        assert (got is not None) == _cpu_has_avx512()
     for args in ([x, w, b, 4, [1, 1], [0, 0], [1, 1]],                # padding 0
                  [x, w, b, 4, [3, 3], [1, 1], [1, 1]],                # stride 3
                  [x, w, b, 4, [1, 1], [1, 1], [2, 2]],                # dilation 2
-                 [x, torch.randn(4, 1, 5, 5), b, 4, [1, 1], [1, 1], [1, 1]],  # 5x5
+                 [x, torch.randn(4, 1, 5, 5), b, 4, [1, 1], [1, 1], [1, 1]],  # 5x5, padding 1
+                 [x, torch.randn(4, 1, 7, 7), b, 4, [1, 1], [3, 3], [1, 1]],  # 7x7
                  [x, torch.randn(8, 1, 3, 3), None, 4, [1, 1], [1, 1], [1, 1]],  # multiplier 2
                  [x.double(), w.double(), None, 4, [1, 1], [1, 1], [1, 1]],
                  [x.transpose(2, 3), w, b, 4, [1, 1], [1, 1], [1, 1]],  # not contiguous
                  [x.requires_grad_(), w, b, 4, [1, 1], [1, 1], [1, 1]]):
-        assert depthwise3x3_or_none(*args) is None
+        assert depthwise_or_none(*args) is None
     # the module still computes those through F.conv2d
     layer = _depthwise_bn(4, 1, True)
     xt = torch.randn(2, 4, 6, 6).transpose(2, 3)
