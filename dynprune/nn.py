@@ -205,10 +205,14 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
 
     Eval-mode forwards run ``dynprune::gated_conv2d``; they stay differentiable
     (correct, dense-cost gradients), but train with ``.train()``, which also
-    records ``saliency_l1`` for the regulariser.
+    records ``saliency_l1`` for the regulariser (until the next ``train()`` or
+    ``eval()`` call, a copy, or a move).
     """
 
-    _eval_caches = ("_fold_cache", "_plan_cache")
+    # saliency_l1 goes with them: it belongs to the last training forward (a
+    # non-leaf tensor whose graph it keeps alive), so train()/eval(), .to() and
+    # copies drop it. Kept, it made copy.deepcopy(model) raise after training.
+    _eval_caches = ("_fold_cache", "_plan_cache", "saliency_l1")
 
     def __init__(
         self,

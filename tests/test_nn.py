@@ -630,3 +630,23 @@ def test_autocast_computes_in_the_autocast_dtype():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_copies_after_training():
+    """A trained model deep-copies and pickles (best-model snapshots, EMA): the
+    last forward's saliency term, a non-leaf tensor, made deepcopy raise."""
+    torch.manual_seed(0)
+    model = dynprune.convert(randomize_bn(tiny_resnet()), keep_ratio=0.5).train()
+    x = torch.randn(4, 3, 16, 16)
+    loss = model(x).square().mean() + 1e-3 * dynprune.saliency_loss(model)
+    loss.backward()
+    snapshot = copy.deepcopy(model)
+    assert float(dynprune.saliency_loss(snapshot)) == 0.0  # the copy carries no stale term
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    model.eval(), snapshot.eval(), loaded.eval()
+    assert float(dynprune.saliency_loss(model)) == 0.0  # eval() dropped it too
+    with torch.no_grad():
+        assert torch.equal(snapshot(x), model(x)) and torch.equal(loaded(x), model(x))
