@@ -70,11 +70,13 @@ void plane_kxk(const float* pad, int64_t pw, const float* w, float bias, int64_t
 // dynprune.nn.Conv2dBN's entry: the convolution above where it applies (x a
 // contiguous 4-D float32 CPU tensor with no gradient wanted, weight [C, 1, K,
 // K] float32 with K 3 or 5 and C = x's channels = groups, bias [C] or None,
-// stride 1 or 2, padding K / 2, dilation 1, AVX-512), else None for F.conv2d.
+// stride 1 or 2, padding K / 2, dilation 1, AVX-512; in_idx None or int64
+// [N, k] channel lists), else None for F.conv2d.
 pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, int64_t groups,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                      std::vector<int64_t> dilation) {
+                                      std::vector<int64_t> dilation,
+                                      const c10::optional<at::Tensor>& in_idx) {
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || weight.requires_grad() ||
                      (bias && bias->requires_grad()));
@@ -94,6 +96,23 @@ pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight
   const int64_t K = weight.size(2), P = K / 2;
   if (H < 1 || W < 1) return pybind11::none();  // (F.conv2d's errors and shapes)
   const int64_t Ho = (H + 2 * P - K) / s + 1, Wo = (W + 2 * P - K) / s + 1;
+  // With in_idx (the kept channels a DynamicConv2d marked on x: every other
+  // channel of x is exactly zero), a plane outside it is its bias alone.
+  std::vector<uint8_t> read(N * C, in_idx ? 0 : 1);
+  if (in_idx) {
+    const at::Tensor& ii = *in_idx;
+    if (ii.scalar_type() != at::kLong || !ii.device().is_cpu() || ii.dim() != 2 ||
+        ii.size(0) != N)
+      return pybind11::none();
+    const at::Tensor ic = ii.contiguous();
+    const int64_t* ip = ic.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < ic.size(1); ++j) {
+        const int64_t c = ip[n * ic.size(1) + j];
+        if (c < 0 || c >= C) return pybind11::none();
+        read[n * C + c] = 1;
+      }
+  }
   at::Tensor y = empty_output({N, C, Ho, Wo}, x.options());
   if (N * C == 0) return pybind11::cast(y);
   const at::Tensor wc = weight.contiguous();
@@ -110,11 +129,15 @@ pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> pad(ph * pw, 0.f);  // borders stay zero: only the image is rewritten
     for (int64_t p = begin; p < end; ++p) {
-      const float* in = xp + p * H * W;
-      for (int64_t r = 0; r < H; ++r) std::copy_n(in + r * W, W, pad.data() + (r + P) * pw + P);
       const int64_t c = p % C;
       const float bias_c = bp ? bp[c] : 0.f;
       float* out = yp + p * Ho * Wo;
+      if (!read[p]) {
+        std::fill_n(out, Ho * Wo, bias_c);
+        continue;
+      }
+      const float* in = xp + p * H * W;
+      for (int64_t r = 0; r < H; ++r) std::copy_n(in + r * W, W, pad.data() + (r + P) * pw + P);
       if (K == 3)
         plane_kxk<3>(pad.data(), pw, wp + c * 9, bias_c, s, Ho, Wo, out);
       else

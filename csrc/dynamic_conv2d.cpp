@@ -369,6 +369,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_or_none", &dynprune::depthwise_or_none, pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("groups"),
         pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+        pybind11::arg("in_idx") = pybind11::none(),
         "Depthwise 3x3 or 5x5 conv (padding K / 2, stride 1 or 2) of a contiguous float32 CPU x "
         "without autograd, else None");
 }

@@ -115,6 +115,7 @@ c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& wei
 pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, int64_t groups,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                      std::vector<int64_t> dilation);
+                                      std::vector<int64_t> dilation,
+                                      const c10::optional<at::Tensor>& in_idx);
 
 }  // namespace dynprune

@@ -129,8 +129,9 @@ def _fast_ops(model: nn.Module) -> None:
     """The fast path's versions of the dense ops around the convs (same results):
     nn.MaxPool2d -> dynprune.nn.MaxPool2d (new module), and, by a class change
     that keeps their parameters, hooks and state_dict, nn.AdaptiveAvgPool2d ->
-    dynprune.nn.AdaptiveAvgPool2d and nn.Linear -> dynprune.nn.Linear (not the
-    gates' own layers: the kernels read their parameters directly)."""
+    dynprune.nn.AdaptiveAvgPool2d, nn.Linear -> dynprune.nn.Linear (not the
+    gates' own layers: the kernels read their parameters directly) and
+    nn.ReLU6 -> dynprune.nn.ReLU6 (hands on kept-channel marks)."""
     gate_parts = {id(m) for gate in model.modules() if isinstance(gate, dnn.ChannelGate)
                   for m in gate.modules()}
     for name, mod in list(model.named_modules()):
@@ -144,6 +145,8 @@ def _fast_ops(model: nn.Module) -> None:
             mod.__class__ = dnn.AdaptiveAvgPool2d
         elif type(mod) is nn.Linear:
             mod.__class__ = dnn.Linear
+        elif type(mod) is nn.ReLU6:
+            mod.__class__ = dnn.ReLU6
 
 
 def _plain_conv(conv: nn.Conv2d) -> bool:

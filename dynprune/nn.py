@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dynprune.ops import gate_saliency, gated_conv2d, select_channels
 
 __all__ = ["AdaptiveAvgPool2d", "ChannelGate", "Conv2dBN", "DynamicConv2d", "Linear", "MaxPool2d",
-           "ReLU", "saliency_loss"]
+           "ReLU", "ReLU6", "saliency_loss"]
 
 
 class ChannelGate(nn.Module):
@@ -532,8 +532,10 @@ class Conv2dBN(_FoldsBatchNorm, nn.Conv2d):
                 and not _capturing() and not _any_autocast()):
             # A depthwise 3x3 or 5x5 (MobileNets, EfficientNet): the native kernel where it applies,
             # which checks the rest itself; None: F.conv2d below.
+            # When x carries a DynamicConv2d's mark (through a ReLU6), its
+            # channels outside the kept lists are zero: their planes are the bias.
             y = _depthwise_or_none(x, weight, bias, self.groups, self.stride, self.padding,
-                                      self.dilation)
+                                   self.dilation, _kept_channels(x))
             if y is not None:
                 return y
         if self._native_pays(x, weight):
@@ -658,6 +660,22 @@ class ReLU(nn.ReLU):
         if mark is not None and mark[2]:
             return x
         return super().forward(x)
+
+
+class ReLU6(nn.ReLU6):
+    """nn.ReLU6 that hands on a DynamicConv2d's kept-channel mark: its zero
+    channels stay zero, so the depthwise conv after it (MobileNets) computes
+    only the kept ones. convert() puts it in place of nn.ReLU6 (a class change
+    that keeps ``inplace``); on any other input it is nn.ReLU6."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _capturing():
+            return super().forward(x)
+        mark = _valid_mark(x)
+        y = super().forward(x)
+        if mark is not None:
+            _mark(y, mark[0], True)  # (an in-place clamp bumped the version: marked anew)
+        return y
 
 
 class MaxPool2d(nn.MaxPool2d):

@@ -377,3 +377,39 @@ def test_depthwise_native_declines_what_it_does_not_cover():
     with torch.no_grad():
         want = layer.bn(layer._conv_forward(xt, layer.weight, layer.bias))
         assert torch.allclose(layer(xt), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_skips_channels_outside_the_mark(k):
+    """DynamicConv2d -> ReLU6 -> depthwise Conv2dBN (a MobileNet block): the
+    ReLU6 hands on the kept-channel mark and the depthwise kernel writes the
+    bias alone for the other channels, equal to computing them."""
+    from dynprune.nn import _kept_channels
+    from dynprune._C import depthwise_or_none
+
+    torch.manual_seed(k)
+    expand = dnn.DynamicConv2d(8, 24, 1, keep_ratio=0.4, batch_norm=True).eval()
+    with torch.no_grad():
+        expand.gate.fc.weight.normal_()
+    relu6 = nn.ReLU6(inplace=True)
+    relu6.__class__ = dnn.ReLU6
+    dw = _depthwise_bn(24, 2, True, k)
+    x = torch.randn(3, 8, 11, 13)
+    with torch.no_grad():
+        h = relu6(expand(x))
+        kept = _kept_channels(h)
+        assert kept is not None and kept.shape == (3, expand.k)  # the mark survived the clamp
+        y = dw(h)
+        ref = copy.deepcopy(dw).double()
+        want = ref.bn(ref._conv_forward(h.double(), ref.weight, ref.bias))
+        assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        if _cpu_has_avx512():  # the skipping entry itself: a non-zero channel outside the list
+            w, b = dw.inference_params()
+            h2 = h.clone()
+            pruned = [c for c in range(24) if c not in kept[0].tolist()][0]
+            h2[0, pruned] = 1.0  # ignored: the list says it is zero
+            got = depthwise_or_none(h2, w, b, 24, [2, 2], [k // 2] * 2, [1, 1], kept)
+            assert torch.equal(got[0, pruned], torch.full_like(got[0, pruned], float(b[pruned])))
+            bad = kept.clone()
+            bad[0, 0] = 24
+            assert depthwise_or_none(h, w, b, 24, [2, 2], [k // 2] * 2, [1, 1], bad) is None
