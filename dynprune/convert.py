@@ -125,13 +125,18 @@ def _fuse_relus(model: nn.Module) -> int:
     return fused
 
 
+# Activations with act(0) = 0, swapped for versions that hand on kept-channel marks.
+_MARK_PASSING = {nn.ReLU6: dnn.ReLU6, nn.Hardswish: dnn.Hardswish, nn.SiLU: dnn.SiLU}
+
+
 def _fast_ops(model: nn.Module) -> None:
     """The fast path's versions of the dense ops around the convs (same results):
     nn.MaxPool2d -> dynprune.nn.MaxPool2d (new module), and, by a class change
     that keeps their parameters, hooks and state_dict, nn.AdaptiveAvgPool2d ->
     dynprune.nn.AdaptiveAvgPool2d, nn.Linear -> dynprune.nn.Linear (not the
-    gates' own layers: the kernels read their parameters directly) and
-    nn.ReLU6 -> dynprune.nn.ReLU6 (hands on kept-channel marks)."""
+    gates' own layers: the kernels read their parameters directly), and
+    nn.ReLU6 / nn.Hardswish / nn.SiLU -> dynprune.nn's (hand on kept-channel
+    marks)."""
     gate_parts = {id(m) for gate in model.modules() if isinstance(gate, dnn.ChannelGate)
                   for m in gate.modules()}
     for name, mod in list(model.named_modules()):
@@ -145,8 +150,8 @@ def _fast_ops(model: nn.Module) -> None:
             mod.__class__ = dnn.AdaptiveAvgPool2d
         elif type(mod) is nn.Linear:
             mod.__class__ = dnn.Linear
-        elif type(mod) is nn.ReLU6:
-            mod.__class__ = dnn.ReLU6
+        elif type(mod) in _MARK_PASSING:
+            mod.__class__ = _MARK_PASSING[type(mod)]
 
 
 def _plain_conv(conv: nn.Conv2d) -> bool:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from dynprune.ops import gate_saliency, gated_conv2d, select_channels
 
-__all__ = ["AdaptiveAvgPool2d", "ChannelGate", "Conv2dBN", "DynamicConv2d", "Linear", "MaxPool2d",
-           "ReLU", "ReLU6", "saliency_loss"]
+__all__ = ["AdaptiveAvgPool2d", "ChannelGate", "Conv2dBN", "DynamicConv2d", "Hardswish", "Linear",
+           "MaxPool2d", "ReLU", "ReLU6", "SiLU", "saliency_loss"]
 
 
 class ChannelGate(nn.Module):
@@ -662,20 +662,37 @@ class ReLU(nn.ReLU):
         return super().forward(x)
 
 
-class ReLU6(nn.ReLU6):
-    """nn.ReLU6 that hands on a DynamicConv2d's kept-channel mark: its zero
-    channels stay zero, so the depthwise conv after it (MobileNets) computes
-    only the kept ones. convert() puts it in place of nn.ReLU6 (a class change
-    that keeps ``inplace``); on any other input it is nn.ReLU6."""
+class _HandsOnMarks:
+    """Mixin for an activation with act(0) = 0: its output keeps a
+    DynamicConv2d's kept-channel mark (the zero channels stay zero), so a
+    depthwise conv after it (MobileNets, EfficientNet) computes only the kept
+    ones. convert() swaps the classes in (keeping ``inplace``); on any other
+    input they are the torch.nn activations."""
+
+    nonnegative = False  # outputs >= 0: a dynprune ReLU after it may skip its pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing():
             return super().forward(x)
         mark = _valid_mark(x)
         y = super().forward(x)
-        if mark is not None:
-            _mark(y, mark[0], True)  # (an in-place clamp bumped the version: marked anew)
+        if mark is not None:  # (an in-place activation bumped the version: marked anew)
+            _mark(y, mark[0], self.nonnegative)
         return y
+
+
+class ReLU6(_HandsOnMarks, nn.ReLU6):
+    """nn.ReLU6 that hands on kept-channel marks (see _HandsOnMarks)."""
+
+    nonnegative = True
+
+
+class Hardswish(_HandsOnMarks, nn.Hardswish):
+    """nn.Hardswish that hands on kept-channel marks (see _HandsOnMarks)."""
+
+
+class SiLU(_HandsOnMarks, nn.SiLU):
+    """nn.SiLU that hands on kept-channel marks (see _HandsOnMarks)."""
 
 
 class MaxPool2d(nn.MaxPool2d):

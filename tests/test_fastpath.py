@@ -379,11 +379,12 @@ def test_depthwise_native_declines_what_it_does_not_cover():
         assert torch.allclose(layer(xt), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [3, 5])
-def test_depthwise_skips_channels_outside_the_mark(k):
-    """DynamicConv2d -> ReLU6 -> depthwise Conv2dBN (a MobileNet block): the
-    ReLU6 hands on the kept-channel mark and the depthwise kernel writes the
-    bias alone for the other channels, equal to computing them."""
+@pytest.mark.parametrize("k,act", [(3, nn.ReLU6), (5, nn.Hardswish), (3, nn.SiLU)])
+def test_depthwise_skips_channels_outside_the_mark(k, act):
+    """DynamicConv2d -> activation -> depthwise Conv2dBN (a MobileNet or
+    EfficientNet block): the activation hands on the kept-channel mark and the
+    depthwise kernel writes the bias alone for the other channels, equal to
+    computing them."""
     from dynprune.nn import _kept_channels
     from dynprune._C import depthwise_or_none
 
@@ -391,12 +392,13 @@ def test_depthwise_skips_channels_outside_the_mark(k):
     expand = dnn.DynamicConv2d(8, 24, 1, keep_ratio=0.4, batch_norm=True).eval()
     with torch.no_grad():
         expand.gate.fc.weight.normal_()
-    relu6 = nn.ReLU6(inplace=True)
-    relu6.__class__ = dnn.ReLU6
-    dw = _depthwise_bn(24, 2, True, k)
+    model = nn.Sequential(expand, act(inplace=True), _depthwise_bn(24, 2, True, k))
+    dynprune.convert(model, keep_ratio=0.4, filter_fn=lambda conv, name: False)
+    assert type(model[1]) is getattr(dnn, act.__name__) and model[1].inplace
+    dw = model[2]
     x = torch.randn(3, 8, 11, 13)
     with torch.no_grad():
-        h = relu6(expand(x))
+        h = model[1](expand(x))
         kept = _kept_channels(h)
         assert kept is not None and kept.shape == (3, expand.k)  # the mark survived the clamp
         y = dw(h)
