@@ -73,10 +73,10 @@ void plane_kxk(const float* pad, int64_t pw, const float* w, float bias, int64_t
 // stride 1 or 2, padding K / 2, dilation 1, AVX-512; in_idx None or int64
 // [N, k] channel lists), else None for F.conv2d.
 pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& bias, int64_t groups,
-                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                      std::vector<int64_t> dilation,
-                                      const c10::optional<at::Tensor>& in_idx) {
+                                   const c10::optional<at::Tensor>& bias, int64_t groups,
+                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                   std::vector<int64_t> dilation,
+                                   const c10::optional<at::Tensor>& in_idx) {
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || weight.requires_grad() ||
                      (bias && bias->requires_grad()));
@@ -95,11 +95,12 @@ pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), s = stride[0];
   const int64_t K = weight.size(2), P = K / 2;
   if (H < 1 || W < 1) return pybind11::none();  // (F.conv2d's errors and shapes)
-  const int64_t Ho = (H + 2 * P - K) / s + 1, Wo = (W + 2 * P - K) / s + 1;
+  const int64_t Ho = out_size(H, K, s, P, 1), Wo = out_size(W, K, s, P, 1);
   // With in_idx (the kept channels a DynamicConv2d marked on x: every other
   // channel of x is exactly zero), a plane outside it is its bias alone.
-  std::vector<uint8_t> read(N * C, in_idx ? 0 : 1);
+  std::vector<uint8_t> read;  // empty: every plane is read
   if (in_idx) {
+    read.assign(N * C, 0);
     const at::Tensor& ii = *in_idx;
     if (ii.scalar_type() != at::kLong || !ii.device().is_cpu() || ii.dim() != 2 ||
         ii.size(0) != N)
@@ -132,7 +133,7 @@ pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight
       const int64_t c = p % C;
       const float bias_c = bp ? bp[c] : 0.f;
       float* out = yp + p * Ho * Wo;
-      if (!read[p]) {
+      if (!read.empty() && !read[p]) {
         std::fill_n(out, Ho * Wo, bias_c);
         continue;
       }

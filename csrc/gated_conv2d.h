@@ -113,9 +113,9 @@ c10::optional<at::Tensor> head_linear(const at::Tensor& x, const at::Tensor& wei
 // A depthwise 3x3 or 5x5 convolution (padding K / 2, stride 1 or 2) where it applies,
 // else None (see depthwise_conv2d.cpp), for dynprune.nn's Conv2dBN at eval.
 pybind11::object depthwise_or_none(const at::Tensor& x, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& bias, int64_t groups,
-                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                      std::vector<int64_t> dilation,
-                                      const c10::optional<at::Tensor>& in_idx);
+                                   const c10::optional<at::Tensor>& bias, int64_t groups,
+                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                   std::vector<int64_t> dilation,
+                                   const c10::optional<at::Tensor>& in_idx);
 
 }  // namespace dynprune
