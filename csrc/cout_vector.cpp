@@ -259,6 +259,10 @@ int64_t cout_acc_floats(const Geometry& g, int64_t k) { return padded_k(k) * g.H
 
 int64_t cout_tiles(int64_t k) { return padded_k(k) / kCoutTile; }
 
+int64_t cout_tile_channels(int64_t k, int64_t v) {
+  return std::min<int64_t>(k - v * kCoutTile, kCoutTile);
+}
+
 void cout_vector_tiles(const float* weight, const Geometry& g, const CoutSample& s, int64_t v0,
                        int64_t v1, Epilogue ep, float* y_n, float* pack, float* acc) {
   const int64_t plane = g.Ho * g.Wo, chunk = channels_per_chunk(g.kh * g.kw);

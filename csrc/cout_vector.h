@@ -29,6 +29,9 @@ bool cout_vector_pays(const Geometry& g, int64_t k, double pixel_fill);
 // Tiles of 32 kept output channels: ceil(k / 32).
 int64_t cout_tiles(int64_t k);
 
+// Kept output channels in tile v (32, or fewer in the last one).
+int64_t cout_tile_channels(int64_t k, int64_t v);
+
 // Scratch per worker, in floats, for all tiles of a sample: packed weights,
 // accumulators (fewer tiles need proportionally less).
 int64_t cout_pack_floats(const Geometry& g, int64_t k);

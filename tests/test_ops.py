@@ -887,6 +887,35 @@ def test_thread_counts_give_the_same_result(threads, seed):
     assert torch.equal(y, y_default)
 
 
+UNEVEN_SHARE_GEOMETRIES = [  # (cin, cout, k, size, kernel, stride): items of unequal work
+    (40, 160, 80, 12, 3, 1),  # 3 wide blocks (the last short) x 3 channel parts (the last short)
+    (48, 300, 256, 7, 3, 1),  # one block, 8 parts of 36 channels and one of 4
+    (24, 512, 257, 28, 1, 1),  # 1x1: 13 blocks, a 16-position last one
+    (32, 64, 45, 13, 3, 2),  # stride 2 on an odd map
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,size,kernel,stride", UNEVEN_SHARE_GEOMETRIES)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_static_shares_of_uneven_items_cover_every_output(cin, cout, k, size, kernel, stride, n,
+                                                          threads):
+    """Batches that do not run a sample per thread split the GEMM's items into
+    contiguous shares of about equal work (sparse_f32.cpp), not equal counts:
+    with short last blocks and channel parts, on 2, 3 and 5 threads, every
+    output is written once (poisoned buffer) and matches the reference."""
+    g = torch.Generator().manual_seed(cin + cout + k + size + n + threads)
+    rng = random.Random(cin * 7 + size + n)
+    x = torch.randn(n, cin, size, size, generator=g)
+    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=g) / (cin * kernel) ** 0.5,
+                torch.randn(cout, generator=g),
+                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
+                torch.rand(n, k, generator=g) + 0.5, None,
+                (stride, stride), (kernel // 2, kernel // 2), (1, 1), rng.random() < 0.5)
+    ho = _out_size(size, kernel // 2, 1, kernel, stride)
+    assert_poisoned_out_matches_reference(case, (n, cout, ho, ho), threads)
+
+
 @pytest.mark.parametrize("n", [2, 13, 16])
 @pytest.mark.parametrize("with_in_idx", [False, True])
 @pytest.mark.parametrize("size", [5, 14])
