@@ -1062,7 +1062,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // 0.75, 512x2x2 0.97-1.18. On 512x4x4 the static conv does its 9.4M
   // 16-lane FMAs in 1.25-1.35 ms, 3.5-3.8 G a second per core, near a Zen 4
   // core's peak; here each kept weight feeds one vector per sample, and the
-  // tiles reach ~77% of that rate: such layers stay 1.7-2x static.)
+  // tiles reach about two thirds of that rate: such layers stay 1.7-2x static.)
   // Wide-grid slot of input channel (n, c): wide + (n * Cin + c) * wd.chan;
   // where samples run whole, each thread reuses its own Cin slots for each of
   // its samples instead, so the copies write lines still in its cache.
