@@ -1254,7 +1254,14 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // batch 16, old/new time: 512x7x7 1x1 1.21, 3x3 1.07; 256x14x14 1x1 1.16;
   // 128x28x28 1.01; but 64->128 at 56x56 1x1 stride 2 0.96-0.97 and
   // 32x64x64 0.98, whose planes are 25-130 times the gate's rows.
-  const bool batch_gate = per_sample && gate && Cout * 8 >= plane;
+  // Session 22 moved the line from planes of 8x the gate's rows to 1x: in
+  // between, reading each sample's input once (the wide copy or a 1x1 conv's
+  // in-place reads right after the scan) wins. A/B, old/new time: 512->128
+  // 1x1 on 28x28 1.17-1.175, 128->256 at stride 2 on 28x28 1.03-1.035,
+  // 96x20x20 1.03, 128x28x28 1.025, 128x16x16 1.02, 128->512 1x1 1.02;
+  // ResNet-18 1.007, ResNet-20 1.004, VGG-16 0.98-1.01 (all at batch 16).
+  // (Per-sample gates everywhere: 256x14x14 0.99, 64x8x8 1.00.)
+  const bool batch_gate = per_sample && gate && Cout >= plane;
   const int64_t row_blocks = (Cout + kGateRows - 1) / kGateRows;
   auto gate_block = [&](int64_t n0, int64_t n1, int64_t b) {  // A2: block b, samples [n0, n1)
     gate_rows(gwp, gbp, means + n0 * Cin, n1 - n0, Cin, Cout, b * kGateRows,

@@ -918,16 +918,16 @@ def test_static_shares_of_uneven_items_cover_every_output(cin, cout, k, size, ke
 
 @pytest.mark.parametrize("n", [2, 13, 16])
 @pytest.mark.parametrize("with_in_idx", [False, True])
-@pytest.mark.parametrize("size", [5, 14])
+@pytest.mark.parametrize("size", [4, 5, 14])
 def test_batched_gate_matches_reference(n, with_in_idx, size):
     """Batches of a sample per thread compute the gate for all samples first
     (gate rows in blocks of 3, samples in groups of 8/4/2/1) where the plane is
-    at most 8 x cout (5x5), else sample by sample (14x14): same channels,
+    at most cout (4x4), else sample by sample (5x5, 14x14): same channels,
     scales and outputs as the reference, for ragged row, sample and input
     counts (cout 20 = 6 blocks of 3 + 2; cin 19 = 2 x 8 + 3)."""
     g = torch.Generator().manual_seed(n)
     cin, cout, k = 19, 20, 9
-    x = torch.randn(n, cin, size, size, generator=g)  # 8 * cout = 160: 25 batched, 196 not
+    x = torch.randn(n, cin, size, size, generator=g)  # cout = 20: 16 batched, 25 and 196 not
     x[:, 3] = 0
     w, b, gw, gb, prio = random_gated_layer(g, cin, cout, 3)
     in_idx = None
