@@ -5,9 +5,10 @@
 // convert() leaves depthwise convs dense, and PyTorch's NCHW path for them is
 // slow on CPU: inside a converted MobileNetV2 at batch 1 they took 43% of the
 // time (5.7 of 13.4 ms: the model with them replaced by stored outputs ran in
-// 7.7 ms). Per plane: a zero-padded copy in a thread-local buffer, then per
-// output row and 16 columns the K x K taps as vector FMAs (stride 2: the even
-// or odd columns picked out of two loads by a permute), bias first.
+// 7.7 ms). Per plane: a zero-padded copy (one buffer per run of planes on a
+// thread, its zero border written once), then per output row and 16 columns
+// the K x K taps as vector FMAs (stride 2: the even or odd columns picked out
+// of two loads by a permute), bias first.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

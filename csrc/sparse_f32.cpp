@@ -1338,25 +1338,32 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // other's work. A/B, old/new time, batch 1: 160x12x12 1.15, 128->512 1x1
   // on 28x28 1.08, batch 3 160x12x12 1.035; ResNet-18/VGG-16 layers and
   // models, ResNet-20 0.99-1.01.
+  struct PixelItem {
+    int64_t n, qb, j0, j1;  // sample, wide block, kept channels [j0, j1)
+  };
+  auto pixel_item = [&](int64_t it) {  // qb varies fastest, then the part
+    const int64_t part = (it / qblocks) % parts, j0 = part * part_len;
+    return PixelItem{it / (qblocks * parts), it % qblocks, j0, std::min(k, j0 + part_len)};
+  };
   int64_t* share_start = grow(ws.shares, T + 1);
-  if (!per_sample && compute) {
+  share_start[0] = 0;
+  for (int64_t t = 1; t <= T; ++t) share_start[t] = items;
+  if (!per_sample && compute && T > 1) {
     auto cost = [&](int64_t it) -> int64_t {
       if (cout_items) return cout_tile_channels(k, it % tiles);
-      const int64_t part = (it / qblocks) % parts, qb = it % qblocks, j0 = part * part_len;
-      const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - qb * kQBlock);
-      return (std::min(k, j0 + part_len) - j0) * ((nq + kLanes - 1) / kLanes);
+      const PixelItem p = pixel_item(it);
+      const int64_t nq = std::min<int64_t>(kQBlock, wd.Q - p.qb * kQBlock);
+      return (p.j1 - p.j0) * ((nq + kLanes - 1) / kLanes);
     };
     int64_t total = 0;
     for (int64_t it = 0; it < items; ++it) total += cost(it);
     // Item it joins share t where its middle lies in [t, t + 1) * total / T.
     int64_t done = 0, t = 1;
-    share_start[0] = 0;
     for (int64_t it = 0; it < items && t < T; ++it) {
       const int64_t c = cost(it);
       while (t < T && (2 * done + c) * T >= 2 * t * total) share_start[t++] = it;
       done += c;
     }
-    for (; t <= T; ++t) share_start[t] = items;
   }
   auto item = [&](int64_t it, int64_t worker) {  // B: one work item
     float* cbuf = ws.cbufs[worker].data();
@@ -1366,11 +1373,10 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
                         ws.packs[worker].data(), cbuf);
       return;
     }
-    const int64_t n = it / (qblocks * parts), part = (it / qblocks) % parts;
-    const int64_t qb = it % qblocks;
-    const int64_t j0 = part * part_len, j1 = std::min(k, j0 + part_len);
-    compute_blocks(wp, nullptr, unroll3x3, g, wd, plans[n], oi + n * k,
-                   os ? os + n * k : no_scale, j0, j1, qb, 1, epi(n), yp + n * Cout * Qout, cbuf);
+    const PixelItem p = pixel_item(it);
+    compute_blocks(wp, nullptr, unroll3x3, g, wd, plans[p.n], oi + p.n * k,
+                   os ? os + p.n * k : no_scale, p.j0, p.j1, p.qb, 1, epi(p.n),
+                   yp + p.n * Cout * Qout, cbuf);
   };
 
   // A thread's share of B (the static schedule), or the items by omp for
