@@ -62,8 +62,9 @@ c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> dynamic_conv2d_imp
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& priority,
     int64_t k, const c10::optional<at::Tensor>& in_idx, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, const at::Tensor& residual) {
-  const Gate gate{gate_weight, gate_bias, priority, k};
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, const at::Tensor& residual,
+    const at::Tensor& gate_weight_t = at::Tensor(), const at::Tensor& finite_rows = at::Tensor()) {
+  const Gate gate{gate_weight, gate_bias, priority, k, gate_weight_t, finite_rows};
   check_gate(x, gate);
   const Geometry g =
       check_inputs(x, weight, bias, nullptr, c10::nullopt, in_idx, stride, padding, dilation);
@@ -170,6 +171,32 @@ struct EvalPlan {
   };
   std::shared_ptr<Crop> crop = std::make_shared<Crop>();
 
+  // The gate weight transposed, [Cin, Cout], and which of its rows are all
+  // finite (Gate::weight_t), for the version of gate_weight it was made from:
+  // gates of one sample then read only their non-zero inputs' rows. A second
+  // copy of each gate weight, kept for the plan's lifetime.
+  struct GateT {
+    std::mutex mutex;
+    std::array<int64_t, 2> key{-1, -1};  // gate_weight's data pointer and version
+    at::Tensor weight_t, finite_rows;
+  };
+  std::shared_ptr<GateT> gate_t = std::make_shared<GateT>();
+
+  std::pair<at::Tensor, at::Tensor> transposed_gate() const {
+    if (gate_weight.scalar_type() != at::kFloat || !gate_weight.device().is_cpu() ||
+        gate_weight.dim() != 2)
+      return {};  // not the float32 kernel's: the op reports what is wrong
+    const std::array<int64_t, 2> key{reinterpret_cast<int64_t>(gate_weight.data_ptr()),
+                                     static_cast<int64_t>(gate_weight._version())};
+    std::lock_guard<std::mutex> lock(gate_t->mutex);
+    if (gate_t->key != key) {
+      gate_t->weight_t = gate_weight.t().contiguous();
+      gate_t->finite_rows = gate_weight.isfinite().all(0).contiguous();
+      gate_t->key = key;
+    }
+    return {gate_t->weight_t, gate_t->finite_rows};
+  }
+
   bool stale() const {
     for (size_t i = 0; i < watched.size(); ++i)
       if (watched[i]._version() != seen[i]) return true;
@@ -246,9 +273,11 @@ struct EvalPlan {
                       " input channels, got ", x.size(1));
     TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "dtype mismatch: input is ",
                      x.scalar_type(), " but DynamicConv2d weights are ", weight.scalar_type());
-    if (auto out = cropped_call(x, in_idx, act, residual)) return *out;
+    const auto [gate_weight_t, finite_rows] = transposed_gate();
+    if (auto out = cropped_call(x, in_idx, act, residual, gate_weight_t, finite_rows)) return *out;
     auto out = dynamic_conv2d_impl(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
-                                   stride, padding, dilation, act, residual);
+                                   stride, padding, dilation, act, residual, gate_weight_t,
+                                   finite_rows);
     if (!out) return c10::nullopt;
     return std::make_tuple(std::get<0>(*out), std::get<1>(*out));
   }
@@ -263,7 +292,8 @@ struct EvalPlan {
   // cut) 1.01 and 1.00.
   c10::optional<std::tuple<at::Tensor, at::Tensor>> cropped_call(
       const at::Tensor& x, const c10::optional<at::Tensor>& in_idx, bool act,
-      const at::Tensor& residual) const {
+      const at::Tensor& residual, const at::Tensor& gate_weight_t,
+      const at::Tensor& finite_rows) const {
     if (x.scalar_type() != at::kFloat || stride.size() != 2 || padding.size() != 2 ||
         dilation.size() != 2)
       return c10::nullopt;
@@ -295,7 +325,8 @@ struct EvalPlan {
       cut = crop->weight;
     }
     auto out = dynamic_conv2d_impl(x, cut, bias, gate_weight, gate_bias, priority, k, in_idx,
-                                   stride, pad, dilation, act, residual);
+                                   stride, pad, dilation, act, residual, gate_weight_t,
+                                   finite_rows);
     if (!out) return c10::nullopt;  // a residual it does not take: so does call()
     return std::make_tuple(std::get<0>(*out), std::get<1>(*out));
   }

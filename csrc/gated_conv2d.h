@@ -60,6 +60,11 @@ void check_index_values(const at::Tensor& idx, const char* name, int64_t limit);
 struct Gate {
   at::Tensor weight, bias, priority;  // [Cout, Cin], [Cout], [Cout]
   int64_t k;
+  // Optional (EvalPlan caches them; undefined otherwise): the weight
+  // transposed, float32 [Cin, Cout] contiguous, and a bool [Cin] that is true
+  // where that row of it is all finite. With them the float32 kernel's gates
+  // of one sample read only the rows of that sample's non-zero inputs.
+  at::Tensor weight_t, finite_rows;
 };
 void check_gate(const at::Tensor& x, const Gate& gate);
 

@@ -283,6 +283,57 @@ def test_native_plan_matches_op_path_and_follows_changes():
             previous = y
 
 
+GATE_SCHEDULES = [  # (batch, cin, cout, size): where the plan's kernel computes the gate
+    (1, 24, 40, 6),     # a small input: set-up on the calling thread
+    (1, 48, 72, 24),    # a larger one: the phases in one parallel region
+    (4, 16, 24, 12),    # samples run whole, fewer gate rows than pixels: a gate per sample
+    (4, 40, 96, 4),     # samples run whole, more gate rows than pixels: the batch's gate first
+]
+
+
+@pytest.mark.parametrize("batch, cin, cout, size", GATE_SCHEDULES)
+@pytest.mark.parametrize("infinite", [False, True])
+def test_native_plan_gate_matches_the_reference(batch, cin, cout, size, infinite):
+    """The plan's gate (from its transposed copy of the gate weight, reading only
+    the rows of non-zero inputs) keeps the reference's channels, scales and
+    outputs, with about half the inputs zero. With `infinite`, a zero input's
+    gate weights hold inf: inf * 0 is NaN in the reference, so those rows must
+    still be read."""
+    gen = torch.Generator().manual_seed(batch * 1000 + cin)
+    m = DynamicConv2d(cin, cout, 3, padding=1, keep_ratio=0.5).eval()
+    with torch.no_grad():
+        m.gate.fc.weight.normal_(generator=gen)
+        m.gate.fc.bias.normal_(generator=gen)
+    x = torch.randn(batch, cin, size, size, generator=gen)
+    x[torch.rand(batch, cin, generator=gen) < 0.5] = 0
+    x[:, 1] = 0
+    if infinite:
+        with torch.no_grad():
+            m.gate.fc.weight[::3, 1] = math.inf
+    plan = m._native_eval_plan()
+    assert plan is not None
+    gate = m.gate
+    for _ in range(2):  # the second call reuses the cached transposed weight
+        with torch.no_grad():
+            y, idx = plan.run(x, None)
+            ref_y, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
+                x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
+                m.stride, m.padding, m.dilation, False)
+        assert torch.equal(idx, ref_idx)
+        if infinite:  # NaN saliency ranks first: the inf rows are kept, and NaN
+            assert torch.isnan(y).any()
+            assert torch.equal(torch.isnan(y), torch.isnan(ref_y))
+        else:
+            assert rel_err(y, ref_y) < 1e-5
+    with torch.no_grad():  # an in-place update of the gate weight is seen
+        m.gate.fc.weight.neg_()
+        y, idx = plan.run(x, None)
+        _, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
+            x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
+            m.stride, m.padding, m.dilation, False)
+    assert torch.equal(idx, ref_idx)
+
+
 SMALL_MAPS = [  # (cin, cout, kernel, stride, padding, dilation, map): taps that read only padding
     (24, 16, 3, 1, 1, 1, (1, 1)),            # 3x3 on 1x1: the centre tap alone
     (24, 16, 3, 2, 1, 1, (2, 2)),            # stride 2 to 1x1: a 2x2 corner of taps
