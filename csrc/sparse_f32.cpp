@@ -1301,7 +1301,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // gave it (gate_columns: only the rows of the sample's non-zero inputs;
   // EvalPlan caches it). At batch 1 the gate took 40-60% of the call on small
   // maps (512->2048 1x1 on 7x7: ~300 of 500 us, the conv ~170). A/B at batch
-  // 1, old/new time: 512->2048 1x1 7x7 1.53, 512x7x7 1x1 1.17, 3x3 1.07,
+  // 1 on session 23's Xeon, old/new time: 512->2048 1x1 7x7 1.53, 512x7x7 1x1 1.17, 3x3 1.07,
   // 512x4x4 1.14, 256x14x14 1.02, 512x1x1 1x1 1.62, 512x2x2 1x1 1.33,
   // 256->512 stride 2 from 2x2 1.19; VGG-16 1.03, ResNet-18 1.01; batch 16
   // per-sample gates (128x28x28, 64x56x56, 256->64 1x1 56x56) 0.995-1.02.
@@ -1477,7 +1477,7 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   if (serial_setup) {
     const bool gate_threads = T > 1 && N * Cout * Cin >= kParallelGateMacs;
     if (gate && by_columns && N == 1 && gate_threads) {
-      // The scan split too: old/new time 1.02-1.055 on 512x7x7 (1x1 and
+      // The scan split too: old/new time (Xeon) 1.02-1.055 on 512x7x7 (1x1 and
       // 3x3), 512x4x4, 512x2x2 1x1 and 512->2048 1x1 at batch 1.
 #pragma omp parallel num_threads(T)
       {
@@ -1534,8 +1534,8 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
       return;
     }
     // Else the pruned rows' zeros are split over the threads too, before
-    // their GEMM shares (disjoint rows: no barrier). A/B at batch 1, old/new
-    // time: 512->2048 1x1 on 7x7 1.076, 512x7x7 1x1 1.038, 3x3 1.023, 512x4x4
+    // their GEMM shares (disjoint rows: no barrier). A/B at batch 1 (Xeon),
+    // old/new time: 512->2048 1x1 on 7x7 1.076, 512x7x7 1x1 1.038, 3x3 1.023, 512x4x4
     // 1.021, 2048->512 1.008; VGG-16 1.013, ResNet-18 1.009.
 #pragma omp parallel num_threads(T)
     {
