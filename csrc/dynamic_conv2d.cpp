@@ -186,6 +186,10 @@ struct EvalPlan {
     if (gate_weight.scalar_type() != at::kFloat || !gate_weight.device().is_cpu() ||
         gate_weight.dim() != 2)
       return {};  // not the float32 kernel's: the op reports what is wrong
+    // An inference tensor has no version counter, so a copy could go stale
+    // unseen (load_state_dict under inference_mode): the kernel reads the
+    // weight itself (gate_rows).
+    if (gate_weight.is_inference()) return {};
     const std::array<int64_t, 2> key{reinterpret_cast<int64_t>(gate_weight.data_ptr()),
                                      static_cast<int64_t>(gate_weight._version())};
     std::lock_guard<std::mutex> lock(gate_t->mutex);
@@ -197,9 +201,11 @@ struct EvalPlan {
     return {gate_t->weight_t, gate_t->finite_rows};
   }
 
+  // An inference tensor (no version counter) among them counts as changed:
+  // DynamicConv2d builds no plan then.
   bool stale() const {
     for (size_t i = 0; i < watched.size(); ++i)
-      if (watched[i]._version() != seen[i]) return true;
+      if (watched[i].is_inference() || watched[i]._version() != seen[i]) return true;
     return false;
   }
 
@@ -314,7 +320,9 @@ struct EvalPlan {
         out_size(W, kw2, stride[1], pad[1], dilation[1]) != Wo)
       return c10::nullopt;
     at::Tensor cut;
-    {
+    if (weight.is_inference()) {  // no version counter: cut afresh each call
+      cut = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();
+    } else {
       const std::array<int64_t, 4> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
                                        static_cast<int64_t>(weight._version())};
       std::lock_guard<std::mutex> lock(crop->mutex);
@@ -343,7 +351,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              std::vector<int64_t> dilation, bool relu,
                              std::vector<at::Tensor> watched, pybind11::list guards) {
              std::vector<int64_t> seen;
-             for (const at::Tensor& t : watched) seen.push_back(t._version());
+             for (const at::Tensor& t : watched)
+               seen.push_back(t.is_inference() ? -1 : static_cast<int64_t>(t._version()));
              std::vector<dynprune::EvalPlan::Guard> checks;
              for (const pybind11::handle item : guards) {
                const auto entry = item.cast<pybind11::tuple>();

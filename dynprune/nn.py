@@ -141,7 +141,10 @@ class _FoldsBatchNorm:
         # Not while torch.compile records: version counters are data-dependent
         # there (comparing them broke the graph at every layer); the fold is
         # traced into the compiled graph instead.
-        cacheable = not torch.is_grad_enabled() and not _capturing()
+        # Nor for inference tensors (made under torch.inference_mode): they have
+        # no version counter, so an in-place update could not be seen.
+        cacheable = (not torch.is_grad_enabled() and not _capturing()
+                     and not any(t is not None and t.is_inference() for t in tensors))
         if cacheable:
             versions = [t._version if t is not None else -1 for t in tensors] + [bn.eps]
             cache = self._fold_cache
@@ -371,6 +374,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             watched = [t for t in (params["weight"], params["bias"], bn._parameters["weight"],
                                    bn._parameters["bias"], bn._buffers["running_mean"],
                                    bn._buffers["running_var"]) if t is not None]
+            if any(t.is_inference() for t in watched):
+                return None  # no version counters: the op path folds on every call
         plan = _EvalPlan(weight, bias, fc_params["weight"], fc_params["bias"],
                          gate._buffers["priority"], self.k, list(self.stride), list(padding),
                          list(self.dilation), self.relu or self.fuse_relu, watched,

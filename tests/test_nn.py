@@ -334,6 +334,37 @@ def test_native_plan_gate_matches_the_reference(batch, cin, cout, size, infinite
     assert torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("size", [7, 1])  # 1: the taps that read only padding are cut
+def test_layer_made_under_inference_mode_follows_in_place_updates(bn, size):
+    """Parameters made under torch.inference_mode have no version counter, so
+    nothing derived from them (folded BN, cut taps, the transposed gate) may be
+    cached: outputs match a twin made normally, also after load_state_dict
+    updates the inference tensors in place."""
+    torch.manual_seed(0)
+    twin = DynamicConv2d(16, 24, 3, padding=1, keep_ratio=0.5, batch_norm=bn)
+    with torch.no_grad():
+        twin.gate.fc.weight.normal_()
+    if bn:
+        randomize_bn(twin)
+    twin.eval()
+    x = torch.randn(2, 16, size, size)
+    outputs = []
+    for scale in (1.0, -1.5):
+        with torch.no_grad():
+            for name, t in twin.state_dict().items():
+                if t.is_floating_point() and "running_var" not in name:
+                    t.mul_(scale)
+            expected = twin(x)
+        with torch.inference_mode():
+            if not outputs:
+                m = DynamicConv2d(16, 24, 3, padding=1, keep_ratio=0.5, batch_norm=bn).eval()
+            m.load_state_dict(twin.state_dict())
+            outputs.append(m(x))
+        assert rel_err(outputs[-1], expected) < 1e-5
+    assert not torch.equal(outputs[0], outputs[1])
+
+
 SMALL_MAPS = [  # (cin, cout, kernel, stride, padding, dilation, map): taps that read only padding
     (24, 16, 3, 1, 1, 1, (1, 1)),            # 3x3 on 1x1: the centre tap alone
     (24, 16, 3, 2, 1, 1, (2, 2)),            # stride 2 to 1x1: a 2x2 corner of taps
