@@ -167,6 +167,7 @@ struct EvalPlan {
   struct Crop {
     std::mutex mutex;
     std::array<int64_t, 4> key{-1, -1, -1, -1};  // H, W, weight data pointer and version
+    c10::Storage source;  // held: see GateT::source
     at::Tensor weight;
   };
   std::shared_ptr<Crop> crop = std::make_shared<Crop>();
@@ -178,6 +179,10 @@ struct EvalPlan {
   struct GateT {
     std::mutex mutex;
     std::array<int64_t, 2> key{-1, -1};  // gate_weight's data pointer and version
+    // The storage the copy was made from, held so its address cannot be
+    // handed to another tensor (`.data =` swaps storage without a version
+    // bump; a reused address would match the key).
+    c10::Storage source;
     at::Tensor weight_t, finite_rows;
   };
   std::shared_ptr<GateT> gate_t = std::make_shared<GateT>();
@@ -193,7 +198,8 @@ struct EvalPlan {
     const std::array<int64_t, 2> key{reinterpret_cast<int64_t>(gate_weight.data_ptr()),
                                      static_cast<int64_t>(gate_weight._version())};
     std::lock_guard<std::mutex> lock(gate_t->mutex);
-    if (gate_t->key != key) {
+    if (gate_t->key != key || !gate_t->source.is_alias_of(gate_weight.storage())) {
+      gate_t->source = gate_weight.storage();
       gate_t->weight_t = gate_weight.t().contiguous();
       gate_t->finite_rows = gate_weight.isfinite().all(0).contiguous();
       gate_t->key = key;
@@ -326,7 +332,8 @@ struct EvalPlan {
       const std::array<int64_t, 4> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
                                        static_cast<int64_t>(weight._version())};
       std::lock_guard<std::mutex> lock(crop->mutex);
-      if (crop->key != key) {
+      if (crop->key != key || !crop->source.is_alias_of(weight.storage())) {
+        crop->source = weight.storage();
         crop->weight = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();
         crop->key = key;
       }

@@ -349,7 +349,12 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         them (guards from ``_plan_guards``); when a BatchNorm is folded in,
         also the version counters of the fold's inputs. A replaced Parameter
         or submodule, a BN update or a new keep ratio rebuilds it; other
-        in-place updates are seen directly (it holds the tensors). (Building
+        in-place updates are seen directly (it holds the tensors), except by
+        the plan's transposed copy of the gate weight, which follows the
+        weight's version counter (and storage): writes that bypass version
+        counters (``.data`` writes, numpy views, fused optimizers such as
+        ``Adam(fused=True)``) need ``module.train(module.training)`` after
+        them, as for the BN fold. (Building
         that key in Python cost ~7 us a layer inside a network; old/new time
         with the native check and input checks: ResNet-20 1.05-1.08,
         ResNet-56 1.12, VGG-16 1.04.)

@@ -334,6 +334,29 @@ def test_native_plan_gate_matches_the_reference(batch, cin, cout, size, infinite
     assert torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("size", [7, 1])  # 1: the taps that read only padding are cut
+def test_native_plan_follows_data_reassignment_of_its_weights(size):
+    """`.data =` swaps a parameter's storage without a version bump (as
+    torch.nn.utils.vector_to_parameters does): the plan's cached copies (the
+    transposed gate, the cut taps) must follow, even when a new storage lands
+    at a freed one's address (the plan holds the storage its copy came from)."""
+    torch.manual_seed(0)
+    m = DynamicConv2d(32, 24, 3, padding=1, keep_ratio=0.5).eval()
+    x = torch.randn(1, 32, size, size)
+    plan = m._native_eval_plan()
+    gate = m.gate
+    for _ in range(6):
+        gate.fc.weight.data = torch.randn(24, 32)
+        m.weight.data = torch.randn(24, 32, 3, 3)
+        with torch.no_grad():
+            y, idx = plan.run(x, None)
+            ref_y, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
+                x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
+                m.stride, m.padding, m.dilation, False)
+        assert torch.equal(idx, ref_idx)
+        assert rel_err(y, ref_y) < 1e-5
+
+
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("size", [7, 1])  # 1: the taps that read only padding are cut
 def test_layer_made_under_inference_mode_follows_in_place_updates(bn, size):
