@@ -283,6 +283,15 @@ def test_native_plan_matches_op_path_and_follows_changes():
             previous = y
 
 
+def _layer_reference(m, x):
+    """(y, idx) of the pure-PyTorch reference op for eval DynamicConv2d m (no BN) on x."""
+    gate = m.gate
+    y, idx, _ = dynprune.ops.dynamic_conv2d_reference(
+        x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None, m.stride,
+        m.padding, m.dilation, False)
+    return y, idx
+
+
 GATE_SCHEDULES = [  # (batch, cin, cout, size): where the plan's kernel computes the gate
     (1, 24, 40, 6),     # a small input: set-up on the calling thread
     (1, 48, 72, 24),    # a larger one: the phases in one parallel region
@@ -312,13 +321,10 @@ def test_native_plan_gate_matches_the_reference(batch, cin, cout, size, infinite
             m.gate.fc.weight[::3, 1] = math.inf
     plan = m._native_eval_plan()
     assert plan is not None
-    gate = m.gate
     for _ in range(2):  # the second call reuses the cached transposed weight
         with torch.no_grad():
             y, idx = plan.run(x, None)
-            ref_y, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
-                x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
-                m.stride, m.padding, m.dilation, False)
+            ref_y, ref_idx = _layer_reference(m, x)
         assert torch.equal(idx, ref_idx)
         if infinite:  # NaN saliency ranks first: the inf rows are kept, and NaN
             assert torch.isnan(y).any()
@@ -328,9 +334,7 @@ def test_native_plan_gate_matches_the_reference(batch, cin, cout, size, infinite
     with torch.no_grad():  # an in-place update of the gate weight is seen
         m.gate.fc.weight.neg_()
         y, idx = plan.run(x, None)
-        _, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
-            x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
-            m.stride, m.padding, m.dilation, False)
+        _, ref_idx = _layer_reference(m, x)
     assert torch.equal(idx, ref_idx)
 
 
@@ -344,15 +348,12 @@ def test_native_plan_follows_data_reassignment_of_its_weights(size):
     m = DynamicConv2d(32, 24, 3, padding=1, keep_ratio=0.5).eval()
     x = torch.randn(1, 32, size, size)
     plan = m._native_eval_plan()
-    gate = m.gate
     for _ in range(6):
-        gate.fc.weight.data = torch.randn(24, 32)
+        m.gate.fc.weight.data = torch.randn(24, 32)
         m.weight.data = torch.randn(24, 32, 3, 3)
         with torch.no_grad():
             y, idx = plan.run(x, None)
-            ref_y, ref_idx, _ = dynprune.ops.dynamic_conv2d_reference(
-                x, m.weight, m.bias, gate.fc.weight, gate.fc.bias, gate.priority, m.k, None,
-                m.stride, m.padding, m.dilation, False)
+            ref_y, ref_idx = _layer_reference(m, x)
         assert torch.equal(idx, ref_idx)
         assert rel_err(y, ref_y) < 1e-5
 
