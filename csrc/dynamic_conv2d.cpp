@@ -162,30 +162,39 @@ struct EvalPlan {
   };
   std::vector<Guard> guards;
 
-  // The weight without the taps that read only padding at the last input
-  // size (see cropped_call), and what it was cut from.
-  struct Crop {
+  // Tensors made from `src` (a cut or transposed weight), kept while the key
+  // they were made for holds: two entries of the caller's, src's data
+  // pointer and version counter, and the same storage. The storage is held,
+  // so its address cannot go to another tensor meanwhile (`.data =` swaps
+  // storage without a version bump; a reused address would match the key).
+  // Not for inference tensors, which have no version counter.
+  struct CachedCopy {
     std::mutex mutex;
-    std::array<int64_t, 4> key{-1, -1, -1, -1};  // H, W, weight data pointer and version
-    c10::Storage source;  // held: see GateT::source
-    at::Tensor weight;
-  };
-  std::shared_ptr<Crop> crop = std::make_shared<Crop>();
-
-  // The gate weight transposed, [Cin, Cout], and which of its rows are all
-  // finite (Gate::weight_t), for the version of gate_weight it was made from:
-  // gates of one sample then read only their non-zero inputs' rows. A second
-  // copy of each gate weight, kept for the plan's lifetime.
-  struct GateT {
-    std::mutex mutex;
-    std::array<int64_t, 2> key{-1, -1};  // gate_weight's data pointer and version
-    // The storage the copy was made from, held so its address cannot be
-    // handed to another tensor (`.data =` swaps storage without a version
-    // bump; a reused address would match the key).
+    std::array<int64_t, 4> key{-1, -1, -1, -1};
     c10::Storage source;
-    at::Tensor weight_t, finite_rows;
+    std::array<at::Tensor, 2> copies;
+
+    template <typename Make>
+    std::array<at::Tensor, 2> get(const at::Tensor& src, int64_t a, int64_t b, Make make) {
+      const std::array<int64_t, 4> want{a, b, reinterpret_cast<int64_t>(src.data_ptr()),
+                                        static_cast<int64_t>(src._version())};
+      std::lock_guard<std::mutex> lock(mutex);
+      if (key != want || !source.is_alias_of(src.storage())) {
+        copies = make();
+        source = src.storage();
+        key = want;
+      }
+      return copies;
+    }
   };
-  std::shared_ptr<GateT> gate_t = std::make_shared<GateT>();
+  // The weight without the taps that read only padding at the last input
+  // size (see cropped_call; key: H, W).
+  std::shared_ptr<CachedCopy> crop = std::make_shared<CachedCopy>();
+  // The gate weight transposed, [Cin, Cout], and which of its rows are all
+  // finite (Gate::weight_t): gates of one sample then read only their
+  // non-zero inputs' rows. A second copy of each gate weight, kept for the
+  // plan's lifetime.
+  std::shared_ptr<CachedCopy> gate_t = std::make_shared<CachedCopy>();
 
   std::pair<at::Tensor, at::Tensor> transposed_gate() const {
     if (gate_weight.scalar_type() != at::kFloat || !gate_weight.device().is_cpu() ||
@@ -195,16 +204,11 @@ struct EvalPlan {
     // unseen (load_state_dict under inference_mode): the kernel reads the
     // weight itself (gate_rows).
     if (gate_weight.is_inference()) return {};
-    const std::array<int64_t, 2> key{reinterpret_cast<int64_t>(gate_weight.data_ptr()),
-                                     static_cast<int64_t>(gate_weight._version())};
-    std::lock_guard<std::mutex> lock(gate_t->mutex);
-    if (gate_t->key != key || !gate_t->source.is_alias_of(gate_weight.storage())) {
-      gate_t->source = gate_weight.storage();
-      gate_t->weight_t = gate_weight.t().contiguous();
-      gate_t->finite_rows = gate_weight.isfinite().all(0).contiguous();
-      gate_t->key = key;
-    }
-    return {gate_t->weight_t, gate_t->finite_rows};
+    const auto made = gate_t->get(gate_weight, 0, 0, [&] {
+      return std::array<at::Tensor, 2>{gate_weight.t().contiguous(),
+                                       gate_weight.isfinite().all(0).contiguous()};
+    });
+    return {made[0], made[1]};
   }
 
   // An inference tensor (no version counter) among them counts as changed:
@@ -325,20 +329,13 @@ struct EvalPlan {
     if (pad[0] < 0 || pad[1] < 0 || out_size(H, kh2, stride[0], pad[0], dilation[0]) != Ho ||
         out_size(W, kw2, stride[1], pad[1], dilation[1]) != Wo)
       return c10::nullopt;
-    at::Tensor cut;
-    if (weight.is_inference()) {  // no version counter: cut afresh each call
-      cut = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();
-    } else {
-      const std::array<int64_t, 4> key{H, W, reinterpret_cast<int64_t>(weight.data_ptr()),
-                                       static_cast<int64_t>(weight._version())};
-      std::lock_guard<std::mutex> lock(crop->mutex);
-      if (crop->key != key || !crop->source.is_alias_of(weight.storage())) {
-        crop->source = weight.storage();
-        crop->weight = weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous();
-        crop->key = key;
-      }
-      cut = crop->weight;
-    }
+    auto cut_taps = [&] {
+      return std::array<at::Tensor, 2>{
+          weight.slice(2, th.t0, th.t1).slice(3, tw.t0, tw.t1).contiguous(), at::Tensor()};
+    };
+    // No version counter on an inference tensor: cut afresh each call.
+    const at::Tensor cut =
+        weight.is_inference() ? cut_taps()[0] : crop->get(weight, H, W, cut_taps)[0];
     auto out = dynamic_conv2d_impl(x, cut, bias, gate_weight, gate_bias, priority, k, in_idx,
                                    stride, pad, dilation, act, residual, gate_weight_t,
                                    finite_rows);
