@@ -847,7 +847,8 @@ void scan_plane(const float* p, int64_t n, double* sum, bool* nonzero) {
 // product did both once a sample, bound by the conversions (port 5).
 template <int R, int S>
 static inline __attribute__((always_inline)) void gate_tile(const float* gw, const double* means,
-                                                            int64_t Cin, double* out, int64_t ldo) {
+                                                            int64_t Cin, double* out, int64_t ldo,
+                                                            bool prefetch) {
   v8d acc[R][S] = {};
   int64_t i = 0;
   for (; i + 16 <= Cin; i += 16) {  // as two steps of 8 (below), in the same order
@@ -856,7 +857,9 @@ static inline __attribute__((always_inline)) void gate_tile(const float* gw, con
     // old/new at batch 16: 512->2048 1x1 on 7x7 1.04-1.07, 2048->512 1.02,
     // 512x7x7 1x1 1.015-1.044, 512x7x7 1.005-1.034, 512x4x4 1.032,
     // 256x14x14 1.002; ResNet-18 1.046 (10 rounds). Two tiles ahead: no better.
-    for (int r = 0; r < R; ++r) __builtin_prefetch(gw + (r + R) * Cin + i);
+    // Only the first tile of a row block's samples: the others find them cached.
+    if (prefetch)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(gw + (r + R) * Cin + i);
     v8d w[R][2];
     for (int r = 0; r < R; ++r)
       widen(*reinterpret_cast<const v16u*>(gw + r * Cin + i), w[r][0], w[r][1]);
@@ -888,12 +891,19 @@ static inline __attribute__((always_inline)) void gate_tile(const float* gw, con
 template <int R>
 static inline __attribute__((always_inline)) void gate_rows_r(const float* gw, const double* means,
                                                               int64_t N, int64_t Cin, double* out,
-                                                              int64_t ldo) {
-  if (N == 8) return gate_tile<R, 8>(gw, means, Cin, out, ldo);  // gate_rows passes N <= 8
-  int64_t n = 0;  // else 4 + 2 + 1
-  if (N - n >= 4) { gate_tile<R, 4>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 4; }
-  if (N - n >= 2) { gate_tile<R, 2>(gw, means + n * Cin, Cin, out + n * ldo, ldo); n += 2; }
-  if (N - n >= 1) gate_tile<R, 1>(gw, means + n * Cin, Cin, out + n * ldo, ldo);
+                                                              int64_t ldo, bool prefetch) {
+  if (N == 8) return gate_tile<R, 8>(gw, means, Cin, out, ldo, prefetch);  // N <= 8
+  int64_t n = 0;  // else 4 + 2 + 1; the first prefetches the next rows
+  if (N - n >= 4) {
+    gate_tile<R, 4>(gw, means + n * Cin, Cin, out + n * ldo, ldo, prefetch && n == 0);
+    n += 4;
+  }
+  if (N - n >= 2) {
+    gate_tile<R, 2>(gw, means + n * Cin, Cin, out + n * ldo, ldo, prefetch && n == 0);
+    n += 2;
+  }
+  if (N - n >= 1)
+    gate_tile<R, 1>(gw, means + n * Cin, Cin, out + n * ldo, ldo, prefetch && n == 0);
 }
 
 // Rows [c0, c1) of the gate for samples [0, N) (see gate_tile), into
@@ -908,9 +918,9 @@ void gate_rows(const float* gw, const float* gb, const double* means, int64_t N,
     for (int64_t n0 = 0; n0 < N; n0 += 8) {
       const int64_t S = std::min<int64_t>(8, N - n0);
       const double* m = means + n0 * Cin;
-      if (R == 3) gate_rows_r<3>(gw + c * Cin, m, S, Cin, out, kGateRows);
-      else if (R == 2) gate_rows_r<2>(gw + c * Cin, m, S, Cin, out, kGateRows);
-      else gate_rows_r<1>(gw + c * Cin, m, S, Cin, out, kGateRows);
+      if (R == 3) gate_rows_r<3>(gw + c * Cin, m, S, Cin, out, kGateRows, n0 == 0);
+      else if (R == 2) gate_rows_r<2>(gw + c * Cin, m, S, Cin, out, kGateRows, n0 == 0);
+      else gate_rows_r<1>(gw + c * Cin, m, S, Cin, out, kGateRows, n0 == 0);
       for (int64_t s = 0; s < S; ++s)
         for (int64_t r = 0; r < R; ++r) {
           const double v = out[s * kGateRows + r] + gb[c + r];
