@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -505,6 +507,8 @@ constexpr int64_t kParallelGateMacs = 65536;
 // hides the same scattered reads behind its FMAs.)
 constexpr int64_t kPackMinBlocks = 6;
 constexpr int64_t kPanelBlocks = 4;
+constexpr int64_t kUnitChannels = 8 * kJBlock;  // a split sample's units (below)
+constexpr int64_t kSplitMinMacs = int64_t{8} << 20;
 
 // The valid (non-junk) runs of wide block q0: one per output row it touches,
 // lane[r] in the block, len[r] values, dst[r] in the output plane.
@@ -1626,25 +1630,79 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
     return;
   }
 
+  // Samples run whole on a thread, handed out in order to whichever thread is
+  // free (one core of a shared host is often slower). A/B at batch 16,
+  // interleaved, 8 pairs: dyn/static 1.13-1.77 vs 1.16-2.02 with fixed
+  // halves, never worse. (The batch-1 items keep their fixed shares: dynamic
+  // there was 6-15% slower on 16x32x32..128x28x28, whose items share data
+  // with their neighbours.)
+  // The last T samples handed out are split into units (a panel of blocks x
+  // kUnitChannels kept channels, or one output-channel tile) that any thread
+  // out of samples helps with: else one thread idled while another finished
+  // its last sample (timers on 512x7x7 at batch 16: 2-5% of each thread's
+  // time). Only samples of >= kSplitMinMacs (channels x kept channels x taps x
+  // pixels, at most): a helper first reads the sample's wide grid from the
+  // other core's cache. ab_env old/new time at batch 16: 512x7x7
+  // 1.00-1.036, 256x14x14 1.001-1.024, 64x56x56 1.013-1.05, 384x13x13
+  // 1.024-1.033, 160x12x12 1.021, 256->64 1x1 on 56x56 1.024, ResNet-18 1.08
+  // (30 rounds); split on every map, ResNet-20 lost 1.8% (16x32x32 1.2%).
+  const bool split = per_sample && compute && k * Cin * taps * Qout >= kSplitMinMacs;
+  const int64_t panels = (qblocks + panel - 1) / panel;
+  const int64_t unit_chunks = (k + kUnitChannels - 1) / kUnitChannels;
+  const int64_t units = cout_vec ? tiles : panels * unit_chunks;
+  const int64_t first_split = N - T;  // split sample n: slot n - first_split
+  std::atomic<int64_t> next_sample{0};
+  std::unique_ptr<std::atomic<int64_t>[]> next_unit(split ? new std::atomic<int64_t>[T] : nullptr);
+  std::unique_ptr<std::atomic<int>[]> ready(split ? new std::atomic<int>[T] : nullptr);
+  std::vector<const float*> packed_by(split ? T : 0, nullptr);  // the owner's packed weights
+  for (int64_t i = 0; split && i < T; ++i) {
+    next_unit[i].store(0, std::memory_order_relaxed);
+    ready[i].store(0, std::memory_order_relaxed);
+  }
+  // Units [u0, u1) of sample n; [0, units) is the whole sample in its usual order.
+  auto run_units = [&](int64_t n, int64_t u0, int64_t u1, const float* wpack, float* cbuf,
+                       int64_t worker) {
+    float* y_n = yp + n * Cout * Qout;
+    if (cout_vec)
+      return cout_vector_tiles(wp, g, cout_sample(n), u0, u1, epi(n), y_n,
+                               ws.packs[worker].data(), cbuf);
+    const float* scale = os ? os + n * k : no_scale;
+    if (u0 == 0 && u1 == units) {  // whole panels: each tile's weights reused across a panel
+      for (int64_t qb = 0; qb < qblocks; qb += panel)
+        compute_blocks(wp, wpack, unroll3x3, g, wd, plans[n], oi + n * k, scale, 0, k, qb,
+                       std::min(panel, qblocks - qb), epi(n), y_n, cbuf);
+      return;
+    }
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t qb = (u / unit_chunks) * panel, j0 = (u % unit_chunks) * kUnitChannels;
+      compute_blocks(wp, wpack, unroll3x3, g, wd, plans[n], oi + n * k, scale, j0,
+                     std::min(k, j0 + kUnitChannels), qb, std::min(panel, qblocks - qb), epi(n),
+                     y_n, cbuf);
+    }
+  };
+  // Takes units of split sample n until none is left. All units of a sample
+  // are taken before its owner takes another sample, and helpers start only
+  // once every sample is taken: the owner's wide grid and packed weights
+  // stay put while anyone reads them.
+  auto take_units = [&](int64_t n, float* cbuf, int64_t worker) {
+    const int64_t slot = n - first_split;
+    for (int64_t u; (u = next_unit[slot].fetch_add(1, std::memory_order_relaxed)) < units;)
+      run_units(n, u, u + 1, packed_by[slot], cbuf, worker);
+  };
+
 #pragma omp parallel num_threads(T)
   {
     const int worker = omp_get_thread_num();
     float* cbuf = ws.cbufs[worker].data();
     uint64_t* order = ws.orders[worker].data();
     if (per_sample) {
-      // Samples go to whichever thread is free: on a shared host one core is
-      // often slower. A/B at batch 16, interleaved, 8 pairs: dyn/static 1.13-1.77
-      // vs 1.16-2.02 with fixed halves, never worse. (The batch-1 items keep
-      // their fixed shares: dynamic there was 6-15% slower on 16x32x32..128x28x28,
-      // whose items share data with their neighbours.)
       if (batch_gate) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < N * Cin; ++t) scan_sum(t);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < row_blocks; ++b) gate_block(0, N, b);
       }
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t n = 0; n < N; ++n) {
+      for (int64_t n; (n = next_sample.fetch_add(1, std::memory_order_relaxed)) < N;) {
         if (batch_gate) {
           for (int64_t c = 0; c < Cin; ++c) fill(n * Cin + c, worker);
         } else {
@@ -1657,20 +1715,23 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
         plan_sample(n, order, worker);
         zero_rows(n);
         zeros_done();
-        if (compute && cout_vec) {
-          cout_vector_tiles(wp, g, cout_sample(n), 0, tiles, epi(n), yp + n * Cout * Qout,
-                            ws.packs[omp_get_thread_num()].data(), cbuf);
-        } else if (compute) {
-          float* wpack = nullptr;
-          if (pack) {
-            wpack = ws.packs[omp_get_thread_num()].data();
-            pack_weights(wp, g, plans[n], oi + n * k, k, wpack);
-          }
-          for (int64_t qb = 0; qb < qblocks; qb += panel)
-            compute_blocks(wp, wpack, unroll3x3, g, wd, plans[n], oi + n * k,
-                           os ? os + n * k : no_scale, 0, k, qb, std::min(panel, qblocks - qb),
-                           epi(n), yp + n * Cout * Qout, cbuf);
+        if (!compute) continue;
+        float* wpack = nullptr;
+        if (pack) {
+          wpack = ws.packs[worker].data();
+          pack_weights(wp, g, plans[n], oi + n * k, k, wpack);
         }
+        if (split && n >= first_split) {
+          packed_by[n - first_split] = wpack;
+          ready[n - first_split].store(1, std::memory_order_release);
+          take_units(n, cbuf, worker);
+        } else {
+          run_units(n, 0, units, wpack, cbuf, worker);
+        }
+      }
+      for (int64_t n = first_split; split && n < N; ++n) {  // out of samples: help
+        while (!ready[n - first_split].load(std::memory_order_acquire)) _mm_pause();
+        take_units(n, cbuf, worker);
       }
     } else {
       // A1, A2: channel sums, detection, wide copies; saliency.

@@ -916,6 +916,32 @@ def test_static_shares_of_uneven_items_cover_every_output(cin, cout, k, size, ke
     assert_poisoned_out_matches_reference(case, (n, cout, ho, ho), threads)
 
 
+SPLIT_SAMPLE_GEOMETRIES = [  # (cin, cout, k, size, kernel): samples of >= 8M multiply-adds
+    (256, 256, 128, 7, 3),   # one block with the tail pixel; units of 48, 48, 32 channels
+    (32, 64, 53, 28, 3),     # packed weights over 14 blocks: 4 panels x 2 channel units
+    (128, 128, 64, 14, 3),   # output-channel form: a unit per tile of 32 channels
+    (512, 256, 128, 14, 1),  # 1x1, output-channel form too
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,size,kernel", SPLIT_SAMPLE_GEOMETRIES)
+@pytest.mark.parametrize("n,threads", [(2, 2), (4, 2), (6, 3)])
+def test_split_last_samples_match_reference(cin, cout, k, size, kernel, n, threads):
+    """Batches of a sample per thread split their last samples into units that
+    idle threads help with (sparse_f32.cpp): every output written once
+    (poisoned buffer) and equal to the reference, random kept sets per sample."""
+    g = torch.Generator().manual_seed(cin + k + size + n)
+    rng = random.Random(cout * 3 + n + threads)
+    x = torch.randn(n, cin, size, size, generator=g)
+    x[:, torch.randperm(cin, generator=g)[: cin // 3]] = 0
+    case = Case(x, torch.randn(cout, cin, kernel, kernel, generator=g) / (cin * kernel) ** 0.5,
+                torch.randn(cout, generator=g),
+                _idx_tensor([_sorted_subset(rng, cout, k) for _ in range(n)], k),
+                torch.rand(n, k, generator=g) + 0.5, None,
+                (1, 1), (kernel // 2, kernel // 2), (1, 1), rng.random() < 0.5)
+    assert_poisoned_out_matches_reference(case, (n, cout, size, size), threads)
+
+
 @pytest.mark.parametrize("n", [2, 13, 16])
 @pytest.mark.parametrize("with_in_idx", [False, True])
 @pytest.mark.parametrize("size", [4, 5, 14])
