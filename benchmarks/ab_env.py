@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # other_shapes
-from dynprune.bench import layer_case, model_case  # noqa: E402
+from dynprune.bench import keep_freed_memory, layer_case, model_case  # noqa: E402
 
 
 def case_for(spec: str):
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()
 
     def set_variant(new: bool) -> None:
         if new:

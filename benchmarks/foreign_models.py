@@ -22,7 +22,7 @@ import sys
 import torch
 
 import dynprune
-from dynprune.bench import _bisect, interleaved_medians
+from dynprune.bench import _bisect, interleaved_medians, keep_freed_memory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -38,6 +38,7 @@ MODELS = {  # name: (constructor, input shape)
 @torch.no_grad()
 def main(argv):
     torch.set_num_threads(2)
+    keep_freed_memory()
     batches = [int(b) for b in argv] or [1]
     print("| model | batch | keep | fewer MACs | dense ms | dense+fast ms | dynamic ms | speedup "
           "| vs dense+fast |")

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from dynprune.bench import interleaved_medians, zero_channels
+from dynprune.bench import interleaved_medians, keep_freed_memory, zero_channels
 from dynprune.nn import DynamicConv2d
 
 SHAPES = [  # (in channels, out channels, map size, kernel, stride)
@@ -45,6 +45,7 @@ def case(cin, cout, size, kernel, stride, batch, keep=0.5, seed=0):
 
 def main(argv):
     torch.set_num_threads(2)
+    keep_freed_memory()
     batches = [int(b) for b in argv] or [1, 16]
     with torch.no_grad():
         for b in batches:

@@ -13,6 +13,7 @@ channels. The pytest-benchmark suite in benchmarks/ measures the same cases.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,6 +61,32 @@ def layer_case(channels: int, size: int, batch: int, keep: float,
         "static": lambda: static(xs),
         "masked": lambda: dense(x) * mask,
     }
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc reuse freed memory for blocks up to 32 MB; returns
+    whether it took (False off glibc).
+
+    Every benchmark harness calls this first. By default glibc maps large
+    blocks afresh and hands freed ones back to the OS, with a threshold that
+    moves with what the process freed before, so whether PyTorch's conv output
+    page-faults on every 4 KB depends on the process's history. Measured
+    (2026-11-28, batch 16, the dense 128->512 1x1 conv on 28x28 timed in turns
+    with the kernel and a 64->256 static conv): 7,116 faults a call and 22.2
+    ms, against 156 and 9.4 ms with this; the static conv 11.4 ms against 2.8.
+    dynprune's own outputs reuse freed blocks either way (csrc/output_pool.cpp),
+    so without this the baselines, not the kernel, paid for the allocator.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # 32 MB is glibc's largest mmap threshold; larger blocks are still mapped.
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def interleaved_medians(fns: Dict[object, Callable[[], object]], budget_s: float = 1.0,
@@ -313,6 +340,7 @@ def main(argv=None) -> None:
                    help="seconds of timing per (model, batch), all providers in turns")
     sub.add_parser("demo", help="convert ResNet-18, check outputs, print speedup")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.cmd == "layers":
         torch.set_num_threads(args.threads)
         print(format_rows(run_layers(args.batch, args.keep, args.budget)))
