@@ -925,7 +925,7 @@ SPLIT_SAMPLE_GEOMETRIES = [  # (cin, cout, k, size, kernel): samples of >= 8M mu
 
 
 @pytest.mark.parametrize("cin,cout,k,size,kernel", SPLIT_SAMPLE_GEOMETRIES)
-@pytest.mark.parametrize("n,threads", [(2, 2), (4, 2), (6, 3)])
+@pytest.mark.parametrize("n,threads", [(2, 2), (4, 2), (6, 3), (10, 5)])
 def test_split_last_samples_match_reference(cin, cout, k, size, kernel, n, threads):
     """Batches of a sample per thread split their last samples into units that
     idle threads help with (sparse_f32.cpp): every output written once
