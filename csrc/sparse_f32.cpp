@@ -1651,14 +1651,13 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t unit_chunks = (k + kUnitChannels - 1) / kUnitChannels;
   const int64_t units = cout_vec ? tiles : panels * unit_chunks;
   const int64_t first_split = N - T;  // split sample n: slot n - first_split
+  struct alignas(64) SplitSlot {  // a line each: threads take units of different samples
+    std::atomic<int64_t> next_unit{0};
+    std::atomic<int> ready{0};        // set by the owner once its set-up is done
+    const float* packed = nullptr;    // the owner's packed weights (or none)
+  };
+  std::unique_ptr<SplitSlot[]> split_slots(split ? new SplitSlot[T] : nullptr);
   std::atomic<int64_t> next_sample{0};
-  std::unique_ptr<std::atomic<int64_t>[]> next_unit(split ? new std::atomic<int64_t>[T] : nullptr);
-  std::unique_ptr<std::atomic<int>[]> ready(split ? new std::atomic<int>[T] : nullptr);
-  std::vector<const float*> packed_by(split ? T : 0, nullptr);  // the owner's packed weights
-  for (int64_t i = 0; split && i < T; ++i) {
-    next_unit[i].store(0, std::memory_order_relaxed);
-    ready[i].store(0, std::memory_order_relaxed);
-  }
   // Units [u0, u1) of sample n; [0, units) is the whole sample in its usual order.
   auto run_units = [&](int64_t n, int64_t u0, int64_t u1, const float* wpack, float* cbuf,
                        int64_t worker) {
@@ -1685,9 +1684,9 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
   // once every sample is taken: the owner's wide grid and packed weights
   // stay put while anyone reads them.
   auto take_units = [&](int64_t n, float* cbuf, int64_t worker) {
-    const int64_t slot = n - first_split;
-    for (int64_t u; (u = next_unit[slot].fetch_add(1, std::memory_order_relaxed)) < units;)
-      run_units(n, u, u + 1, packed_by[slot], cbuf, worker);
+    SplitSlot& slot = split_slots[n - first_split];
+    for (int64_t u; (u = slot.next_unit.fetch_add(1, std::memory_order_relaxed)) < units;)
+      run_units(n, u, u + 1, slot.packed, cbuf, worker);
   };
 
 #pragma omp parallel num_threads(T)
@@ -1722,15 +1721,15 @@ void sparse_conv2d_f32(const at::Tensor& x_in, const at::Tensor& weight_in,
           pack_weights(wp, g, plans[n], oi + n * k, k, wpack);
         }
         if (split && n >= first_split) {
-          packed_by[n - first_split] = wpack;
-          ready[n - first_split].store(1, std::memory_order_release);
+          split_slots[n - first_split].packed = wpack;
+          split_slots[n - first_split].ready.store(1, std::memory_order_release);
           take_units(n, cbuf, worker);
         } else {
           run_units(n, 0, units, wpack, cbuf, worker);
         }
       }
       for (int64_t n = first_split; split && n < N; ++n) {  // out of samples: help
-        while (!ready[n - first_split].load(std::memory_order_acquire)) _mm_pause();
+        while (!split_slots[n - first_split].ready.load(std::memory_order_acquire)) _mm_pause();
         take_units(n, cbuf, worker);
       }
     } else {
