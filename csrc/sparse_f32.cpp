@@ -689,7 +689,8 @@ void block_avx512(const float* weight, const float* wpack, bool unroll3x3, const
   // AMD host, old/new time: 512x7x7 1.06 (batch 16) and 1.075 (batch 1),
   // 512x4x4 1.065 and 1.06, 256x8x8 1.05 and 1.02, 256x7x7 1.02 (batch 16),
   // VGG-16 1.035 (batch 16) and 1.025 (batch 1). (On session 10's Xeon the
-  // same change was 0.83-0.97 at batch 16.)
+  // same change was 0.83-0.97 at batch 16; on session 26's Xeon chunks of
+  // 16/32/64 channels instead were 0.81/0.91/0.95 on 512x7x7 at batch 16.)
   // (1x1 tail maps too: chunks of 64 channels, whose inputs stay in L1,
   // measured 0.96-0.99 on 512x7x7 1x1 and 256->512 stride 2.)
   const int64_t ci_chunk = wd.Q <= kQBlock ? std::max<int64_t>(kin, 1) : channels_per_chunk(taps);
