@@ -111,16 +111,21 @@ def _fuse_relus(model: nn.Module) -> int:
             break
         if user is None or user.args[:1] != (src,):
             continue
+        site = None
         if user.op == "call_module" and type(modules.get(user.target)) in (nn.ReLU, dnn.ReLU):
             relu = modules[user.target]
             if type(relu) is nn.ReLU:
-                new = dnn.ReLU(inplace=relu.inplace)
-                _set_submodule(model, user.target, new)
-                modules[user.target] = new
+                relu = dnn.ReLU(inplace=relu.inplace)
+                _set_submodule(model, user.target, relu)
+                modules[user.target] = relu
+            parent_name, _, attr = user.target.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            site = (parent._modules, attr, relu)
         elif not ((user.op == "call_function" and user.target in _RELU_FUNCTIONS)
                   or (user.op == "call_method" and user.target in ("relu", "relu_"))):
             continue
         modules[node.target].fuse_relu = True
+        modules[node.target]._relu_site = site
         fused += 1
     return fused
 
@@ -196,7 +201,11 @@ def convert(
             :class:`dynprune.nn.Conv2dBN` (BN folded into it at eval).
         fast_path: make the whole network fast in eval mode, with no extra
             call: a ReLU that alone consumes a converted conv's output runs in
-            the kernel's epilogue, each conv hands its kept channels to the
+            the kernel's epilogue (not while that ReLU module is replaced or
+            removed from where it was, nor while a forward hook is on the
+            conv; slicing an nn.Sequential between the two is not seen: set
+            the conv's ``fuse_relu = False`` or convert with
+            ``fast_path=False`` for that), each conv hands its kept channels to the
             next one that reads its output unmodified (as the input channel
             list), nn.MaxPool2d runs a native NCHW pool (PyTorch's NCHW CPU
             pool is several times slower), and a global nn.AdaptiveAvgPool2d

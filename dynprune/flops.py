@@ -45,6 +45,9 @@ def flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
     nn.Conv2d / nn.Linear executes everything. Other layers (BN, pooling,
     the gates' tiny linear layers) are not counted.
     """
+    if isinstance(example_input, torch.Tensor) and example_input.dim() > 0 \
+            and example_input.shape[0] == 0:
+        raise ValueError("flops() counts MACs per sample: example_input has an empty batch")
     layers: List[dict] = []
     gates = {id(m.gate.fc) for m in model.modules() if isinstance(m, DynamicConv2d)}
 

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 
 from dynprune.ops import gate_saliency, gated_conv2d, select_channels
 
@@ -252,6 +253,10 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         # Set by convert() when this conv's only consumer is a ReLU: eval then
         # applies the ReLU in the kernel (see dynprune.nn.ReLU).
         self.fuse_relu = False
+        # convert() also records where that ReLU module is: (its parent's
+        # _modules, its name, the module), or None for a functional relu.
+        self._relu_site = None
+        self._fused_relu = False  # fuse_relu as the last eval call found it
         self._fold_cache = None
         self._plan_cache = None
 
@@ -383,7 +388,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
                 return None  # no version counters: the op path folds on every call
         plan = _EvalPlan(weight, bias, fc_params["weight"], fc_params["bias"],
                          gate._buffers["priority"], self.k, list(self.stride), list(padding),
-                         list(self.dilation), self.relu or self.fuse_relu, watched,
+                         list(self.dilation), self.relu or self._fused_relu, watched,
                          self._plan_guards(gate, bn))
         self._plan_cache = plan
         return plan
@@ -398,7 +403,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         # would be a cycle the garbage collector cannot see.
         me, d, fc = weakref.ref(self), self.__dict__, gate._modules["fc"]
         guards = [(me, name, d[name], False)
-                  for name in ("_keep_ratio", "relu", "fuse_relu", "stride", "padding", "dilation")]
+                  for name in ("_keep_ratio", "relu", "_fused_relu", "stride", "padding", "dilation")]
         guards += [(self._parameters, "weight", self._parameters["weight"], True),
                    (self._parameters, "bias", self._parameters.get("bias"), True),
                    (self._modules, "gate", gate, True), (self._modules, "bn", bn, True),
@@ -422,7 +427,22 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             return self._native_eval_plan()
         return None
 
+    def _fused_relu_holds(self) -> bool:
+        """``fuse_relu`` where it is still right: not once its ReLU module was
+        replaced or removed from where convert() found it, nor while a
+        forward hook would see the conv's output (training never fuses, so the
+        hook would see two different outputs)."""
+        if not self.fuse_relu:
+            return False
+        site = self.__dict__.get("_relu_site")
+        return not (self._forward_hooks or _module._global_forward_hooks
+                    or (site is not None and site[0].get(site[1]) is not site[2]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # what eval applies now (the plan guards it)
+            fused = self._fused_relu_holds()
+            if self.__dict__.get("_fused_relu") is not fused:
+                self._fused_relu = fused
         plan = self._eval_plan_for(x)
         if plan is not None:
             # The hot path of eager CPU inference: one pybind11 call into the
@@ -431,7 +451,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             # x is the untouched output of another DynamicConv2d, its kept
             # channels are our input channel list.
             y, idx = plan.run(x, _kept_channels(x))
-            _mark(y, idx, self.relu or self.fuse_relu)
+            _mark(y, idx, self.relu or self._fused_relu)
             return y
         if x.dim() != 4:
             raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W], got {x.dim()}-D")
@@ -455,7 +475,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             bias = bias.to(cast) if bias is not None else None
             priority = _ranking_values(priority, cast)
         xp, padding = self._padding(x)
-        relu = self.relu or self.fuse_relu
+        relu = self.relu or self._fused_relu
         if xp is not x:  # asymmetric 'same' padding: the gate pools the unpadded input
             idx, scale = gate.select(gate.saliency(x), self.k)
             return gated_conv2d(xp, weight, bias, idx, scale, None, self.stride, padding,
@@ -490,7 +510,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         y = y * (mask * saliency)[:, :, None, None]
         if self.relu:
             y = F.relu(y)
-        self.saliency_l1 = saliency.abs().sum(1).mean()
+        # per-sample mean; an empty batch adds 0, not NaN, to the loss
+        self.saliency_l1 = saliency.abs().sum() / max(1, saliency.shape[0])
         return y
 
 

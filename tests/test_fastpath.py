@@ -96,6 +96,48 @@ def test_relu_not_fused_when_output_has_other_consumers():
         assert rel_err(model(x), ref(x)) < 1e-5
 
 
+
+@pytest.mark.parametrize("edit", [nn.Identity, nn.Tanh])
+def test_fused_relu_dropped_when_its_module_is_replaced(edit):
+    # convert() fuses block.relu into conv1; replacing that module afterwards
+    # must not leave conv1 applying a ReLU nobody asks for any more.
+    model = randomize_bn(MODELS["resnet20"][0]()).eval()
+    ref = copy.deepcopy(model)  # the unconverted network
+    dynprune.convert(model, keep_ratio=1.0).eval()
+    block = model.layer1[0]
+    assert block.conv1.fuse_relu
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-4  # the fused plan is built and cached
+        before = ref(x)
+        fused_relu, ref_relu = block.relu, ref.layer1[0].relu
+        block.relu, ref.layer1[0].relu = edit(), edit()
+        y, want = model(x), ref(x)
+    assert rel_err(want, before) > 1e-2  # the edit changes the network's output
+    assert rel_err(y, want) < 1e-4
+    assert not block.conv1._fused_relu
+    with torch.no_grad():  # the ReLU back where it was: fused again
+        block.relu, ref.layer1[0].relu = fused_relu, ref_relu
+        y = model(x)
+    assert block.conv1._fused_relu
+    assert rel_err(y, before) < 1e-4
+
+
+def test_fused_relu_dropped_for_a_forward_hook():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.ReLU())
+    dynprune.convert(model, keep_ratio=1.0).eval()
+    assert model[1].fuse_relu
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        y = model(x)
+        raw = model[1].forward_dense(model[0](x))
+    # the hook sees the conv's own output, as in training, and the ReLU still runs
+    assert (seen[0] < 0).any() and rel_err(seen[0], raw) < 1e-5
+    assert rel_err(y, torch.relu(raw)) < 1e-5
+    assert model[1].fuse_relu  # the conv's setting stands; only this call ran unfused
+
 @pytest.mark.parametrize("shape,k,s,p,d", [
     ((2, 5, 13, 11), 3, 2, 1, 1), ((1, 4, 8, 8), 2, 2, 0, 1), ((1, 3, 9, 10), (3, 2), (1, 3), (1, 1), 1),
     ((2, 2, 15, 12), 3, 1, 1, 2), ((1, 70, 5, 7), 5, 3, 2, 1), ((3, 1, 4, 4), 4, 4, 0, 1),

@@ -550,6 +550,18 @@ def test_flops_counts_skipped_channels():
     assert r.executed_macs == first + 5 * 5 * 9 * 36
     assert math.isclose(r.ratio, r.executed_macs / r.dense_macs)
 
+    with pytest.raises(ValueError, match="empty batch"):
+        dynprune.flops(model, x[:0])
+
+
+def test_saliency_term_of_an_empty_batch_is_zero():
+    m = DynamicConv2d(3, 4, 3, keep_ratio=0.5).train()
+    m(torch.randn(0, 3, 5, 5))
+    assert float(m.saliency_l1) == 0.0
+    x = torch.randn(3, 3, 5, 5)  # and on a real batch: the per-sample mean of |saliency|
+    m(x)
+    want = m.gate.saliency(x).abs().sum(1).mean()
+    assert torch.allclose(m.saliency_l1, want, rtol=1e-6)
 
 def test_torch_compile_converted_model():
     """One graph (fullgraph=True raises at a graph break), also after eager
