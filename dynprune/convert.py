@@ -225,9 +225,7 @@ def convert(
     where their keep ratio differs from ``keep_ratio`` (set
     ``DynamicConv2d.keep_ratio`` to change it).
     """
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) \
-            or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    keep_ratio = dnn.check_keep_ratio(keep_ratio)
     if isinstance(model, nn.Conv2d):
         raise TypeError("convert() works on a model containing convs; for a single conv use "
                         "DynamicConv2d.from_conv(conv)")

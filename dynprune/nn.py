@@ -13,6 +13,7 @@ are kept and scaled by their saliency, the rest are exactly zero.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional, Tuple
 
@@ -192,6 +193,19 @@ def _as_pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def check_keep_ratio(value) -> float:
+    """``value`` as a float keep ratio: TypeError unless a real number (numpy
+    scalars and 0-d tensors too, not bools), ValueError outside (0, 1]."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"keep_ratio must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
+    return float(value)
+
+
 class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
     """nn.Conv2d with a per-sample channel gate; eval runs the sparse kernel.
 
@@ -268,11 +282,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"keep_ratio must be a number in (0, 1], got {value!r}")
-        if not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
-        self._keep_ratio = float(value)
+        self._keep_ratio = check_keep_ratio(value)
 
     @property
     def k(self) -> int:
@@ -439,6 +449,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
                     or (site is not None and site[0].get(site[1]) is not site[2]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # one unbatched [C, H, W] sample, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.training:  # what eval applies now (the plan guards it)
             fused = self._fused_relu_holds()
             if self.__dict__.get("_fused_relu") is not fused:
@@ -454,7 +466,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             _mark(y, idx, self.relu or self._fused_relu)
             return y
         if x.dim() != 4:
-            raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W], got {x.dim()}-D")
+            raise ValueError(f"DynamicConv2d expects a 4-D input [N, C, H, W] (or an unbatched "
+                             f"3-D [C, H, W]), got {x.dim()}-D")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d expects {self.in_channels} input channels, "
                              f"got {x.shape[1]}")

@@ -5,6 +5,7 @@ import io
 import math
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -76,7 +77,32 @@ def test_k_and_keep_ratio_validation():
         DynamicConv2d(4, 8, 3, padding=1, padding_mode="reflect")
     with pytest.raises(ValueError, match="keep_ratio"):
         dynprune.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), keep_ratio=0)
+    for bad in (True, "half", None, torch.tensor([0.5])):  # the module and convert() alike
+        with pytest.raises(TypeError, match="keep_ratio"):
+            DynamicConv2d(4, 10, 3, keep_ratio=bad)
+        with pytest.raises(TypeError, match="keep_ratio"):
+            dynprune.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), keep_ratio=bad)
+    for ok in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), 1):
+        m = DynamicConv2d(4, 10, 3, keep_ratio=ok)
+        assert type(m.keep_ratio) is float and m.k == (3 if ok != 1 else 10)
 
+
+
+@pytest.mark.parametrize("mode", ["eval_no_grad", "eval_grad", "train"])
+def test_unbatched_input_like_nn_conv2d(mode):
+    """A [C, H, W] input gives what the batch of that one sample gives, [Cout, Ho, Wo]."""
+    torch.manual_seed(0)
+    m = DynamicConv2d(4, 8, 3, padding=1, keep_ratio=0.5)
+    m.gate.fc.weight.data.normal_()
+    m.train(mode == "train")
+    x = torch.randn(4, 6, 7)
+    with torch.set_grad_enabled(mode != "eval_no_grad"):
+        torch.manual_seed(1)
+        y = m(x)
+        torch.manual_seed(1)
+        want = m(x[None])[0]
+    assert y.shape == (8, 6, 7) and torch.equal(y, want)
+    assert y.shape == nn.Conv2d(4, 8, 3, padding=1)(x).shape
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bad_input_to_module(native):
@@ -86,8 +112,9 @@ def test_bad_input_to_module(native):
     with torch.set_grad_enabled(not native):
         m(torch.randn(1, 4, 5, 5))
         assert (m._plan_cache is not None) == native
-        with pytest.raises(ValueError, match="expects a 4-D input"):
-            m(torch.randn(4, 5, 5))
+        for bad in (torch.randn(4, 5), torch.randn(1, 1, 4, 5, 5)):
+            with pytest.raises(ValueError, match="expects a 4-D input"):
+                m(bad)
         with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
             m(torch.randn(1, 3, 5, 5))
         with pytest.raises(TypeError, match="dtype mismatch"):
