@@ -151,6 +151,15 @@ def gated_conv2d_reference(
 ) -> torch.Tensor:
     """The definition of the op: dense convolution, then mask. Differentiable."""
     _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation)
+    return _gated_conv2d_math(x, weight, bias, out_idx, out_scale, in_idx, stride, padding,
+                              dilation, relu)
+
+
+def _gated_conv2d_math(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, dilation,
+                       relu):
+    """gated_conv2d_reference after its input checks (which read index values:
+    the backward recomputes from inputs the forward already checked, and under
+    torch.compile such reads are data-dependent guards)."""
     n, cout = x.shape[0], weight.shape[0]
     out_idx = out_idx.long()
     if in_idx is not None:  # where(), not a multiply: a NaN outside in_idx is still zero
@@ -240,13 +249,27 @@ def dynamic_conv2d_reference(x, weight, bias, gate_weight, gate_bias, priority, 
     Input channels outside ``in_idx`` are treated as zero by the gate and the
     conv alike (the kernel never reads them).
     """
+    return _dynamic_conv2d_math(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx,
+                                stride, padding, dilation, relu, check=True)
+
+
+def _dynamic_conv2d_math(x, weight, bias, gate_weight, gate_bias, priority, k, in_idx, stride,
+                         padding, dilation, relu, check=False):
+    """dynamic_conv2d_reference; without ``check`` none of its input checks
+    (see _gated_conv2d_math)."""
     if in_idx is not None:
-        _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
+        if check:
+            _check_index(in_idx, "in_idx", x.shape[0], x.shape[1])
         in_mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
         in_mask.scatter_(1, in_idx.long(), True)
         x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    idx, scale = channel_gate_reference(x, gate_weight, gate_bias, priority, k)
-    y = gated_conv2d_reference(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
+    if check:
+        _check_gate(x, gate_weight, gate_bias, priority, k)
+    saliency = gate_saliency(x, gate_weight, gate_bias)
+    idx = select_channels(saliency.detach(), priority, k)
+    scale = saliency.gather(1, idx)
+    conv = gated_conv2d_reference if check else _gated_conv2d_math
+    y = conv(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
     return y, idx, scale
 
 
@@ -403,9 +426,10 @@ def _register_recompute_autograd(name, reference, differentiable):
     torch.library.register_autograd(f"dynprune::{name}", backward, setup_context=setup_context)
 
 
-_register_recompute_autograd("gated_conv2d", gated_conv2d_reference, (0, 1, 2, 4))
+# The backwards recompute without the checks: the forward ran them.
+_register_recompute_autograd("gated_conv2d", _gated_conv2d_math, (0, 1, 2, 4))
 _register_recompute_autograd("channel_gate", channel_gate_reference, (0, 1, 2))
-_register_recompute_autograd("dynamic_conv2d", dynamic_conv2d_reference, (0, 1, 2, 3, 4))
+_register_recompute_autograd("dynamic_conv2d", _dynamic_conv2d_math, (0, 1, 2, 3, 4))
 
 
 def gated_conv2d(
