@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch.fx
@@ -120,7 +121,7 @@ def _fuse_relus(model: nn.Module) -> int:
                 modules[user.target] = relu
             parent_name, _, attr = user.target.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            site = (parent._modules, attr, relu)
+            site = (weakref.ref(parent), attr, weakref.ref(relu))
         elif not ((user.op == "call_function" and user.target in _RELU_FUNCTIONS)
                   or (user.op == "call_method" and user.target in ("relu", "relu_"))):
             continue

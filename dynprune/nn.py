@@ -267,8 +267,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         # Set by convert() when this conv's only consumer is a ReLU: eval then
         # applies the ReLU in the kernel (see dynprune.nn.ReLU).
         self.fuse_relu = False
-        # convert() also records where that ReLU module is: (its parent's
-        # _modules, its name, the module), or None for a functional relu.
+        # convert() also records where that ReLU module is: weak references to
+        # its parent and to it, and its name; None for a functional relu.
         self._relu_site = None
         self._fused_relu = False  # fuse_relu as the last eval call found it
         self._fold_cache = None
@@ -444,9 +444,30 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         hook would see two different outputs)."""
         if not self.fuse_relu:
             return False
+        if self._forward_hooks or _module._global_forward_hooks:
+            return False
         site = self.__dict__.get("_relu_site")
-        return not (self._forward_hooks or _module._global_forward_hooks
-                    or (site is not None and site[0].get(site[1]) is not site[2]))
+        if site is None:  # a functional relu in the forward, or set by hand
+            return True
+        parent, relu = site[0](), site[2]()
+        return parent is not None and relu is not None and parent._modules.get(site[1]) is relu
+
+    def __getstate__(self):
+        # Weak references do not pickle: a copy of the whole model carries the
+        # parent and ReLU themselves (copied with it), and __setstate__ makes
+        # them weak again; a conv copied alone finds them gone: not fused.
+        state = super().__getstate__()
+        site = state.get("_relu_site")
+        if site is not None:
+            state["_relu_site"] = (site[0](), site[1], site[2]())
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        site = self.__dict__.get("_relu_site")
+        if site is not None:
+            self._relu_site = (None if site[0] is None or site[2] is None else
+                               (weakref.ref(site[0]), site[1], weakref.ref(site[2])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # one unbatched [C, H, W] sample, as nn.Conv2d takes it

@@ -1,5 +1,6 @@
 """The whole-network fast path: ReLU fused, kept channels handed on, faster pools."""
 import copy
+import io
 import os
 
 import pytest
@@ -122,6 +123,27 @@ def test_fused_relu_dropped_when_its_module_is_replaced(edit):
     assert block.conv1._fused_relu
     assert rel_err(y, before) < 1e-4
 
+
+
+def test_fused_relu_site_survives_copies():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    ref = copy.deepcopy(model).eval()
+    dynprune.convert(model, keep_ratio=1.0).eval()
+    x = torch.randn(2, 3, 9, 9)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (copied, loaded):  # whole-model copies: fused, and checked against the copy
+            assert rel_err(m(x), ref(x)) < 1e-4 and m[1]._fused_relu
+            m[2] = nn.Identity()
+            assert rel_err(m(x), ref[3](ref[1](ref[0](x)))) < 1e-4  # no ReLU now
+        assert rel_err(model(x), ref(x)) < 1e-4 and model[1]._fused_relu  # the original: untouched
+        alone = copy.deepcopy(model[1])  # one conv copied out: no ReLU of its own
+        h = model[0](x)
+        assert (alone(h) < 0).any() and rel_err(alone(h), ref[1](h)) < 1e-4
 
 def test_fused_relu_dropped_for_a_forward_hook():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.ReLU())
