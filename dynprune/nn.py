@@ -268,7 +268,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         # applies the ReLU in the kernel (see dynprune.nn.ReLU).
         self.fuse_relu = False
         # convert() also records where that ReLU module is: weak references to
-        # its parent and to it, and its name; None for a functional relu.
+        # its parent and to it, and its name; None for a functional relu; ()
+        # in a copy made after that ReLU was gone.
         self._relu_site = None
         self._fused_relu = False  # fuse_relu as the last eval call found it
         self._fold_cache = None
@@ -449,6 +450,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         site = self.__dict__.get("_relu_site")
         if site is None:  # a functional relu in the forward, or set by hand
             return True
+        if not site:  # () : its ReLU was gone when this conv was copied
+            return False
         parent, relu = site[0](), site[2]()
         return parent is not None and relu is not None and parent._modules.get(site[1]) is relu
 
@@ -458,16 +461,16 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         # them weak again; a conv copied alone finds them gone: not fused.
         state = super().__getstate__()
         site = state.get("_relu_site")
-        if site is not None:
-            state["_relu_site"] = (site[0](), site[1], site[2]())
+        if site:
+            parent, relu = site[0](), site[2]()
+            state["_relu_site"] = () if parent is None or relu is None else (parent, site[1], relu)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         site = self.__dict__.get("_relu_site")
-        if site is not None:
-            self._relu_site = (None if site[0] is None or site[2] is None else
-                               (weakref.ref(site[0]), site[1], weakref.ref(site[2])))
+        if site:
+            self._relu_site = (weakref.ref(site[0]), site[1], weakref.ref(site[2]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # one unbatched [C, H, W] sample, as nn.Conv2d takes it
