@@ -26,8 +26,8 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
     modules = dict(model.named_modules())
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:
-        graph = None
+    except Exception as exc:
+        graph, untraced = None, exc
     pairs: Dict[str, str] = {}
     if graph is not None:
         calls: Dict[str, int] = {}
@@ -59,6 +59,16 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
                         and b.track_running_stats):
                     prefix = f"{name}." if name else ""
                     pairs[prefix + cname] = prefix + bname
+    if pairs:
+        # Without the graph nothing shows whether forward() also calls one of
+        # these convs (or BNs) alone, where the fold would change its output.
+        reason = str(untraced).strip().splitlines()[0][:120] if str(untraced).strip() else ""
+        warnings.warn(
+            f"dynprune.convert: the model does not trace with torch.fx "
+            f"({type(untraced).__name__}: {reason}); {len(pairs)} BatchNorm(s) were folded into "
+            "the conv before them inside nn.Sequential, which assumes forward() calls each such "
+            "Sequential whole. If it also calls one of those convs or BatchNorms on its own, "
+            "convert with fuse_bn=False.", stacklevel=3)
     return pairs
 
 
@@ -199,7 +209,10 @@ def convert(
             module (gate after BN, folded at eval) and leave nn.Identity in
             its place, so pruned channels stay exactly zero through BN. A
             conv that stays dense takes its BN likewise, as a
-            :class:`dynprune.nn.Conv2dBN` (BN folded into it at eval).
+            :class:`dynprune.nn.Conv2dBN` (BN folded into it at eval). Pairs
+            come from the torch.fx graph; a model that does not trace gets
+            the adjacent pairs inside nn.Sequential, with a warning (that
+            assumes its forward calls each such Sequential whole).
         fast_path: make the whole network fast in eval mode, with no extra
             call: a ReLU that alone consumes a converted conv's output runs in
             the kernel's epilogue (not while that ReLU module is replaced or

@@ -556,13 +556,43 @@ def test_convert_filter_fn_and_untraceable_model():
     with torch.no_grad():
         ref = model(x)
     seen = []
-    dynprune.convert(model, keep_ratio=1.0, filter_fn=lambda m, n: seen.append(n) or n != "head")
+    with pytest.warns(UserWarning, match="does not trace.*fuse_bn=False"):
+        dynprune.convert(model, keep_ratio=1.0, filter_fn=lambda m, n: seen.append(n) or n != "head")
     assert seen == ["body.0", "head"]
     assert isinstance(model.body[0], DynamicConv2d) and model.body[0].bn is not None
     assert isinstance(model.head, nn.Conv2d) and not isinstance(model.head, DynamicConv2d)
     with torch.no_grad():
         assert rel_err(model(x), ref) < 1e-4
 
+
+
+def test_untraceable_model_calling_a_folded_conv_alone():
+    """Without the fx graph the Sequential fallback cannot see a conv called on
+    its own: convert() says so, and fuse_bn=False keeps such a model exact."""
+    class CallsConvAlone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.seq = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8))
+            self.head = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            if x.mean() > -100:  # data-dependent: torch.fx cannot trace it
+                a = self.seq(x)
+            return self.head(a) + self.seq[0](x)  # the conv alone, no BN
+
+    model = randomize_bn(CallsConvAlone()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    folded = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="fuse_bn=False"):
+        dynprune.convert(folded, keep_ratio=1.0)
+    dynprune.convert(model, keep_ratio=1.0, fuse_bn=False)
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-4
+        assert rel_err(folded(x), ref) > 1e-2  # what the warning is about
 
 def test_flops_counts_skipped_channels():
     conv = nn.Conv2d(8, 10, 3, padding=1, bias=False)
