@@ -468,7 +468,8 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        site = self.__dict__.get("_relu_site")
+        self.__dict__.setdefault("_fused_relu", False)  # pickled before session 26
+        site = self.__dict__.setdefault("_relu_site", None)
         if site:
             self._relu_site = (weakref.ref(site[0]), site[1], weakref.ref(site[2]))
 
