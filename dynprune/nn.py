@@ -12,6 +12,7 @@ are kept and scaled by their saliency, the rest are exactly zero.
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import weakref
@@ -465,6 +466,19 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
             parent, relu = site[0](), site[2]()
             state["_relu_site"] = () if parent is None or relu is None else (parent, site[1], relu)
         return state
+
+    def __deepcopy__(self, memo):
+        # As the default copy does, except that a conv copied without the
+        # parent of its fused ReLU (not already in the memo) leaves them out:
+        # it would only copy them to find them gone (see __getstate__).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = self.__getstate__()
+        site = state.get("_relu_site")
+        if site and id(site[0]) not in memo:
+            state["_relu_site"] = ()
+        new.__setstate__(copy.deepcopy(state, memo))
+        return new
 
     def __setstate__(self, state):
         super().__setstate__(state)

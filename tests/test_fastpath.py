@@ -145,6 +145,13 @@ def test_fused_relu_site_survives_copies():
         h = model[0](x)
         assert (alone(h) < 0).any() and rel_err(alone(h), ref[1](h)) < 1e-4
 
+    class NoCopy(nn.Identity):
+        def __deepcopy__(self, memo):
+            raise AssertionError("a sibling was copied")  # noqa
+
+    model[3] = NoCopy()  # copying the conv alone must not copy its parent's other children
+    assert copy.deepcopy(model[1])._relu_site == ()
+
 def test_fused_relu_dropped_for_a_forward_hook():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.ReLU())
     dynprune.convert(model, keep_ratio=1.0).eval()
