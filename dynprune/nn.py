@@ -442,11 +442,12 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
     def _fused_relu_holds(self) -> bool:
         """``fuse_relu`` where it is still right: not once its ReLU module was
         replaced or removed from where convert() found it, nor while a
-        forward hook would see the conv's output (training never fuses, so the
-        hook would see two different outputs)."""
+        forward hook would see the conv's output or the ReLU's input (training
+        never fuses, so the hook would see two different tensors)."""
         if not self.fuse_relu:
             return False
-        if self._forward_hooks or _module._global_forward_hooks:
+        if self._forward_hooks or _module._global_forward_hooks \
+                or _module._global_forward_pre_hooks:
             return False
         site = self.__dict__.get("_relu_site")
         if site is None:  # a functional relu in the forward, or set by hand
@@ -454,7 +455,9 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         if not site:  # () : its ReLU was gone when this conv was copied
             return False
         parent, relu = site[0](), site[2]()
-        return parent is not None and relu is not None and parent._modules.get(site[1]) is relu
+        # (hooks on the ReLU would see its input ReLU'd already)
+        return (parent is not None and relu is not None and parent._modules.get(site[1]) is relu
+                and not (relu._forward_hooks or relu._forward_pre_hooks))
 
     def __getstate__(self):
         # Weak references do not pickle: a copy of the whole model carries the

@@ -166,6 +166,12 @@ def test_fused_relu_dropped_for_a_forward_hook():
     assert (seen[0] < 0).any() and rel_err(seen[0], raw) < 1e-5
     assert rel_err(y, torch.relu(raw)) < 1e-5
     assert model[1].fuse_relu  # the conv's setting stands; only this call ran unfused
+    model[1]._forward_hooks.clear()
+    inputs = []  # a hook on the ReLU sees its input as in training: the raw conv output
+    model[2].register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    with torch.no_grad():
+        assert rel_err(model(x), torch.relu(raw)) < 1e-5
+    assert (inputs[0] < 0).any() and rel_err(inputs[0], raw) < 1e-5
 
 @pytest.mark.parametrize("shape,k,s,p,d", [
     ((2, 5, 13, 11), 3, 2, 1, 1), ((1, 4, 8, 8), 2, 2, 0, 1), ((1, 3, 9, 10), (3, 2), (1, 3), (1, 1), 1),
