@@ -63,6 +63,12 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& weight,
                     " (grouped convolutions are not supported)");
   TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1,
                     "kernel size must be positive, got ", weight.sizes().slice(2));
+  // What F.conv2d (the reference) refuses too: every backend fails alike.
+  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1,
+                    "weight must have at least one output and one input channel, got ",
+                    weight.sizes().slice(0, 2));
+  TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, "x must have a non-empty spatial size, got ",
+                    x.size(2), "x", x.size(3));
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                     "stride, padding and dilation must have 2 elements each");
   for (int d = 0; d < 2; ++d) {

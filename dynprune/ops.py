@@ -105,6 +105,11 @@ def _check_inputs(x, weight, bias, out_idx, out_scale, in_idx, stride, padding, 
         )
     if weight.shape[2] < 1 or weight.shape[3] < 1:
         raise ValueError(f"kernel size must be positive, got {tuple(weight.shape[2:])}")
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError("weight must have at least one output and one input channel, got "
+                         f"{tuple(weight.shape[:2])}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have a non-empty spatial size, got {x.shape[2]}x{x.shape[3]}")
     if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise ValueError("stride, padding and dilation must have 2 elements each")
     if min(stride) <= 0 or min(dilation) <= 0 or min(padding) < 0:

@@ -707,6 +707,15 @@ BAD_INPUTS = {
     "dilation_zero": (dict(dilation=(0, 1)), ValueError,
                       r"stride and dilation must be positive"),
     "padding_negative": (dict(padding=(-1, 1)), ValueError, r"padding non-negative"),
+    # F.conv2d refuses these; the float32 kernel used to return bias * scale
+    "x_empty_spatial": (dict(x=torch.randn(2, 4, 0, 0), padding=(2, 2)), ValueError,
+                        r"x must have a non-empty spatial size, got 0x0"),
+    "no_input_channels": (dict(x=torch.randn(2, 0, 6, 6), weight=torch.randn(5, 0, 3, 3)),
+                          ValueError, r"at least one output and one input channel"),
+    "no_output_channels": (dict(weight=torch.randn(0, 4, 3, 3), bias=None,
+                                out_idx=torch.zeros(2, 0, dtype=torch.long),
+                                out_scale=torch.ones(2, 0)), ValueError,
+                           r"at least one output and one input channel"),
 }
 
 IMPLS = {
