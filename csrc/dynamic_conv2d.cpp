@@ -283,8 +283,8 @@ struct EvalPlan {
       const at::Tensor& residual) const {
     TORCH_CHECK_VALUE(x.device().is_cpu(), "EvalPlan runs on CPU tensors, got ", x.device());
     // DynamicConv2d's own input checks (it skips them on this path), same errors.
-    TORCH_CHECK_VALUE(x.dim() == 4, "DynamicConv2d expects a 4-D input [N, C, H, W] (or an unbatched 3-D [C, H, W]), got ",
-                      x.dim(), "-D");
+    TORCH_CHECK_VALUE(x.dim() == 4, "DynamicConv2d expects a 4-D input [N, C, H, W] ",
+                      "(or an unbatched 3-D [C, H, W]), got ", x.dim(), "-D");
     TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "DynamicConv2d expects ", weight.size(1),
                       " input channels, got ", x.size(1));
     TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "dtype mismatch: input is ",

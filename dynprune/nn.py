@@ -494,7 +494,7 @@ class DynamicConv2d(_FoldsBatchNorm, nn.Conv2d):
         if x.dim() == 3:  # one unbatched [C, H, W] sample, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.training:  # what eval applies now (the plan guards it)
-            fused = self._fused_relu_holds()
+            fused = self.fuse_relu and self._fused_relu_holds()
             if self.__dict__.get("_fused_relu") is not fused:
                 self._fused_relu = fused
         plan = self._eval_plan_for(x)

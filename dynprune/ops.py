@@ -242,6 +242,11 @@ def _check_gate(x, gate_weight, gate_bias, priority, k):
 def channel_gate_reference(x, gate_weight, gate_bias, priority, k):
     """``(out_idx, out_scale)``: FBS gate ``relu(fc(mean_hw(x)))`` and its top-k."""
     _check_gate(x, gate_weight, gate_bias, priority, k)
+    return _channel_gate_math(x, gate_weight, gate_bias, priority, k)
+
+
+def _channel_gate_math(x, gate_weight, gate_bias, priority, k):
+    """channel_gate_reference after its input checks."""
     saliency = gate_saliency(x, gate_weight, gate_bias)
     idx = select_channels(saliency.detach(), priority, k)
     return idx, saliency.gather(1, idx)
@@ -268,11 +273,8 @@ def _dynamic_conv2d_math(x, weight, bias, gate_weight, gate_bias, priority, k, i
         in_mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
         in_mask.scatter_(1, in_idx.long(), True)
         x = torch.where(in_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    if check:
-        _check_gate(x, gate_weight, gate_bias, priority, k)
-    saliency = gate_saliency(x, gate_weight, gate_bias)
-    idx = select_channels(saliency.detach(), priority, k)
-    scale = saliency.gather(1, idx)
+    gate = channel_gate_reference if check else _channel_gate_math
+    idx, scale = gate(x, gate_weight, gate_bias, priority, k)
     conv = gated_conv2d_reference if check else _gated_conv2d_math
     y = conv(x, weight, bias, idx, scale, in_idx, stride, padding, dilation, relu)
     return y, idx, scale
